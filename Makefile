@@ -1,0 +1,33 @@
+# Jobtree developer commands. `make setup` once, then `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup testbin lint test unit kube bench crds
+
+setup: $(VENV)/.installed testbin
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+testbin:
+	bash hack/testbin.sh >/dev/null
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: setup lint
+	$(PY) -m pytest -q
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit
+
+crds: $(VENV)/.installed
+	$(PY) -m shared.api.crdgen
+
+bench: $(VENV)/.installed
+	$(PY) -m bench
