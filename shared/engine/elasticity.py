@@ -1,0 +1,81 @@
+"""Malleable Runs grow one step toward desired width when cover and pack allow.
+
+Shrinking (voluntary or by the resolver) is ``shared.engine.shrink.shrink_plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.engine.admit import Blocked, Start, claim_protection
+from shared.engine.cover import CoverDenied, cover
+from shared.engine.model import FundingKind, Lease, Role, RunRequest
+from shared.engine.pack import NoFit, pack
+from shared.engine.shrink import current_width
+from shared.engine.state import ClusterState
+
+
+@dataclass(frozen=True, slots=True)
+class Grow:
+    """One step of growth: where the new groups go and who pays them."""
+
+    start: Start
+    first_group: int
+    first_rank: int
+
+
+def next_step(request: RunRequest, width: int) -> int:
+    """GPUs the next grow adds: one step, never past desired (0 when nothing to grow)."""
+    m = request.malleable
+    if m is None:
+        return 0
+    target = min(m.desired_gpus, m.max_gpus)
+    return max(0, min(m.step_gpus, target - width))
+
+
+def grow(
+    request: RunRequest, leases: Sequence[Lease], state: ClusterState
+) -> Grow | Blocked | None:
+    """Plan one ``Grow`` step for a running malleable Run, or say why it cannot grow now.
+
+    New groups prefer the domains the Run already uses; the borrow limit counts what the Run
+    already borrows, so growth never exceeds maxBorrowGPUs in total.
+    """
+    mine = [lease for lease in leases if lease.open and lease.run == request.key]
+    step = next_step(request, current_width(mine))
+    if step <= 0:
+        return None
+    sized = dataclasses.replace(request, total_gpus=step)
+    borrowed = sum(
+        lease.gpus
+        for lease in mine
+        if lease.funding is FundingKind.SPONSOR and lease.role is Role.ACTIVE
+    )
+    funding = cover(
+        sized,
+        state.family,
+        state.usage,
+        now=state.now,
+        default_duration=state.settings.default_duration,
+        already_borrowed=borrowed,
+    )
+    if isinstance(funding, CoverDenied):
+        return Blocked("cover", funding.reason.value, funding.message, funding.shortfall)
+    first_group = max((lease.group for lease in mine), default=-1) + 1
+    first_rank = max((lease.rank for lease in mine), default=-1) + 1
+    used = {d for lease in mine if (d := state.topology.domain_of(lease.node)) is not None}
+    placed = pack(
+        sized,
+        state.topology,
+        funding,
+        gpus=step,
+        first_group=first_group,
+        first_rank=first_rank,
+        used_domains=used,
+        protected=claim_protection(request, state.claims, state.topology, state.now),
+    )
+    if isinstance(placed, NoFit):
+        return Blocked("pack", placed.reason.value, placed.message, step)
+    return Grow(Start(funding, placed, step), first_group, first_rank)

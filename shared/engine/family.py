@@ -1,0 +1,281 @@
+"""The budget family tree: who is owner, sibling, parent or cousin of whom.
+
+Cover (SPEC §3) funds a Run from relatives in a fixed structural order instead of numeric
+priorities, so the tree must answer "who is related how" deterministically. Owners are
+colon-separated paths (``org:ai:rai:sys``); a Budget names its parents explicitly or inherits the
+path parent (owner minus its last ``:`` segment). Explicit parents may name several owners, so the
+tree is really a DAG; every query below is defined for that general case.
+
+Relation rules (documented in ``docs/engine-cover.md``):
+
+* ``parents_of`` — every ancestor, nearest first (breadth-first over direct parents), then by name.
+* ``siblings_of`` — owners sharing at least one direct parent, minus the owner and its ancestors,
+  sorted by name.
+* ``cousins_of`` — everyone else sharing an ancestor with the owner, *including the owner's own
+  descendants* (a child's money is still the family's money). Ordered by the nearest common
+  ancestor: first by the owner's distance up to it, then the relative's distance up to it, then
+  name. Descendants therefore come first (their common ancestor is the owner itself), then
+  nephews, then first cousins, and so on.
+
+"Known owners" are the owners of budgets plus all their ancestors; owners without budgets still
+link the tree (``org:ai`` connects ``org:ai:a`` and ``org:ai:b`` even with no Budget of its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from shared.engine.model import AggregateCap, Budget, Envelope
+
+
+def path_parent(owner: str) -> tuple[str, ...]:
+    """Default parent: the owner path minus its last ``:`` segment (none for a root)."""
+    head, sep, _ = owner.rpartition(":")
+    return (head,) if sep and head else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Relatives:
+    """Everyone related to one owner, split by the relation cover cares about."""
+
+    parents: tuple[str, ...]
+    siblings: tuple[str, ...]
+    cousins: tuple[str, ...]
+    members: frozenset[str]
+    """The owner and every relative: O(1) "is this family?" for cover's sponsor step."""
+
+
+Keyed = tuple[tuple[str, Envelope], ...]
+"""Envelopes paired with their keys (``Envelope.key`` is computed; cover's hot loop reuses it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """One owner's relatives' envelopes of one flavor, by relation, in relation order."""
+
+    own: Keyed
+    siblings: Keyed
+    parents: Keyed
+    cousins: Keyed
+
+
+class Family:
+    """Immutable index over a set of Budgets; queries are memoised per owner."""
+
+    __slots__ = (
+        "_budgets",
+        "_by_owner",
+        "_candidates",
+        "_caps",
+        "_caps_for",
+        "_children",
+        "_envelopes",
+        "_explicit_parents",
+        "_flavored",
+        "_known",
+        "_relatives",
+        "_up",
+    )
+
+    def __init__(self, budgets: Iterable[Budget]) -> None:
+        self._budgets: tuple[Budget, ...] = tuple(sorted(budgets, key=lambda b: b.name))
+        self._envelopes: dict[str, Envelope] = {}
+        by_owner: dict[str, list[Envelope]] = {}
+        explicit: dict[str, list[str]] = {}
+        self._caps: dict[str, AggregateCap] = {}
+        caps_for: dict[str, list[AggregateCap]] = {}
+        for budget in self._budgets:
+            owned = by_owner.setdefault(budget.owner, [])
+            for env in budget.envelopes:
+                if env.key in self._envelopes:
+                    raise ValueError(f"duplicate envelope key {env.key!r}")
+                self._envelopes[env.key] = env
+                owned.append(env)
+            if budget.parents:
+                seen = explicit.setdefault(budget.owner, [])
+                seen.extend(p for p in budget.parents if p not in seen and p != budget.owner)
+            for cap in budget.caps:
+                if cap.key in self._caps:
+                    raise ValueError(f"duplicate aggregate cap key {cap.key!r}")
+                self._caps[cap.key] = cap
+                for ref in cap.envelopes:
+                    key = ref if "/" in ref else f"{cap.budget}/{ref}"
+                    caps_for.setdefault(key, []).append(cap)
+        self._by_owner: dict[str, tuple[Envelope, ...]] = {
+            o: tuple(envs) for o, envs in by_owner.items()
+        }
+        self._explicit_parents: dict[str, tuple[str, ...]] = {
+            o: tuple(ps) for o, ps in explicit.items()
+        }
+        self._caps_for: dict[str, tuple[AggregateCap, ...]] = {
+            k: tuple(v) for k, v in caps_for.items()
+        }
+        known: set[str] = set()
+        stack = list(self._by_owner)
+        while stack:
+            owner = stack.pop()
+            if owner in known:
+                continue
+            known.add(owner)
+            stack.extend(self.direct_parents(owner))
+        self._known: tuple[str, ...] = tuple(sorted(known))
+        children: dict[str, list[str]] = {}
+        for owner in self._known:
+            for parent in self.direct_parents(owner):
+                children.setdefault(parent, []).append(owner)
+        self._children: dict[str, tuple[str, ...]] = {p: tuple(c) for p, c in children.items()}
+        self._up: dict[str, dict[str, int]] = {}
+        self._relatives: dict[str, Relatives] = {}
+        self._flavored: dict[tuple[str, str], Keyed] = {}
+        self._candidates: dict[tuple[str, str], Candidates] = {}
+
+    # -- plain lookups -------------------------------------------------------------------------
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        """The budgets, sorted by name."""
+        return self._budgets
+
+    def owners(self) -> tuple[str, ...]:
+        """Known owners (budget owners and their ancestors), sorted."""
+        return self._known
+
+    def envelopes_of(self, owner: str) -> tuple[Envelope, ...]:
+        """The owner's envelopes in budget-name then declaration order."""
+        return self._by_owner.get(owner, ())
+
+    def envelope(self, key: str) -> Envelope:
+        """Envelope by ``budget/name`` key; KeyError when unknown."""
+        return self._envelopes[key]
+
+    def all_envelopes(self) -> tuple[Envelope, ...]:
+        """Every envelope in budget-name then declaration order."""
+        return tuple(self._envelopes.values())
+
+    def caps(self) -> tuple[AggregateCap, ...]:
+        """Every aggregate cap in budget-name then declaration order."""
+        return tuple(self._caps.values())
+
+    def caps_for(self, envelope_key: str) -> tuple[AggregateCap, ...]:
+        """Aggregate caps that bound this envelope together with others."""
+        return self._caps_for.get(envelope_key, ())
+
+    def direct_parents(self, owner: str) -> tuple[str, ...]:
+        """spec.parents when any of the owner's budgets names them, else the path parent."""
+        explicit = self._explicit_parents.get(owner)
+        return explicit if explicit else path_parent(owner)
+
+    def children_of(self, owner: str) -> tuple[str, ...]:
+        """Known owners naming this owner as a direct parent, sorted."""
+        return self._children.get(owner, ())
+
+    def flavored(self, owner: str, flavor: str) -> Keyed:
+        """The owner's envelopes of one flavor with their keys, in envelope order (memoised)."""
+        cached = self._flavored.get((owner, flavor))
+        if cached is None:
+            cached = tuple((e.key, e) for e in self.envelopes_of(owner) if e.flavor == flavor)
+            self._flavored[(owner, flavor)] = cached
+        return cached
+
+    def candidates(self, owner: str, flavor: str) -> Candidates:
+        """Envelopes cover may draw on before sponsors, grouped by relation (memoised)."""
+        cached = self._candidates.get((owner, flavor))
+        if cached is None:
+            rel = self.relatives(owner)
+
+            def of(owners: tuple[str, ...]) -> Keyed:
+                return tuple(kv for o in owners for kv in self.flavored(o, flavor))
+
+            cached = Candidates(
+                own=self.flavored(owner, flavor),
+                siblings=of(rel.siblings),
+                parents=of(rel.parents),
+                cousins=of(rel.cousins),
+            )
+            self._candidates[(owner, flavor)] = cached
+        return cached
+
+    # -- relations ----------------------------------------------------------------------------
+
+    def parents_of(self, owner: str) -> tuple[str, ...]:
+        """Ancestors nearest first, ties by name."""
+        return self.relatives(owner).parents
+
+    def siblings_of(self, owner: str) -> tuple[str, ...]:
+        """Owners with a common direct parent, excluding the owner and its ancestors."""
+        return self.relatives(owner).siblings
+
+    def cousins_of(self, owner: str) -> tuple[str, ...]:
+        """Other family (descendants included), nearest common ancestor first."""
+        return self.relatives(owner).cousins
+
+    def is_family(self, owner: str, other: str) -> bool:
+        """True when ``other`` is the owner or any relative (shares an ancestor or descends)."""
+        return other in self.relatives(owner).members
+
+    def relatives(self, owner: str) -> Relatives:
+        """All three relation lists at once (memoised: cover asks for them on every call)."""
+        cached = self._relatives.get(owner)
+        if cached is not None:
+            return cached
+        up = self._distances_up(owner)
+        parents = tuple(sorted((a for a in up if a != owner), key=lambda a: (up[a], a)))
+        excluded = {owner, *parents}
+        sibs: set[str] = set()
+        for parent in self.direct_parents(owner):
+            sibs.update(c for c in self._children.get(parent, ()) if c not in excluded)
+        siblings = tuple(sorted(sibs))
+        excluded.update(siblings)
+        cousins = tuple(self._ranked_relatives(up, excluded))
+        rel = Relatives(
+            parents=parents,
+            siblings=siblings,
+            cousins=cousins,
+            members=frozenset((owner, *parents, *siblings, *cousins)),
+        )
+        self._relatives[owner] = rel
+        return rel
+
+    def _ranked_relatives(self, up: dict[str, int], excluded: set[str]) -> list[str]:
+        """Owners below any ancestor, keyed by (distance up, distance down) to the nearest one.
+
+        Ancestors are walked nearest first; a breadth-first walk down from each stops at owners a
+        nearer ancestor already reached, so the whole family is visited about once.
+        """
+        best: dict[str, tuple[int, int]] = {}
+        for anc in sorted(up, key=lambda a: (up[a], a)):
+            du = up[anc]
+            frontier = [anc]
+            depth = 0
+            while frontier:
+                depth += 1
+                nxt: list[str] = []
+                for node in frontier:
+                    for child in self._children.get(node, ()):
+                        prev = best.get(child)
+                        if prev is not None and prev <= (du, depth):
+                            continue
+                        best[child] = (du, depth)
+                        nxt.append(child)
+                frontier = nxt
+        ranked = sorted((k[0], k[1], o) for o, k in best.items() if o not in excluded)
+        return [r[2] for r in ranked]
+
+    def _distances_up(self, owner: str) -> dict[str, int]:
+        """Breadth-first distance from the owner (0) to each ancestor; cycle-safe."""
+        cached = self._up.get(owner)
+        if cached is not None:
+            return cached
+        dist = {owner: 0}
+        frontier = [owner]
+        while frontier:
+            nxt: list[str] = []
+            for node in frontier:
+                for parent in self.direct_parents(node):
+                    if parent not in dist:
+                        dist[parent] = dist[node] + 1
+                        nxt.append(parent)
+            frontier = nxt
+        self._up[owner] = dist
+        return dist
