@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
@@ -28,46 +27,21 @@ from shared.api.common import (
     Timestamp,
 )
 from shared.api.rules import ListType, Rule
+from shared.engine.model import Closure, Role
+from shared.engine.model import LeaseReason as LeaseReason
+from shared.engine.resolver import random_preempt_closure
 
-
-class LeaseRole(StrEnum):
-    ACTIVE = "Active"
-    SPARE = "Spare"
-    BORROWED = "Borrowed"
-    """Opportunistic use of another Run's spare GPUs."""
-
-
-class LeaseReason(StrEnum):
-    """Why the Lease was opened."""
-
-    START = "Start"
-    GROW = "Grow"
-    SWAP = "Swap"
-    FILL = "Fill"
-
-
-class ClosureReason(StrEnum):
-    """Why a Lease was closed; RandomPreempt is written as ``RandomPreempt(<seed>)``."""
-
-    COMPLETED = "Completed"
-    FAIL = "Fail"
-    NODE_FAILURE = "NodeFailure"
-    SWAP = "Swap"
-    SHRINK = "Shrink"
-    DROP_SPARE = "DropSpare"
-    RANDOM_PREEMPT = "RandomPreempt"
-    RECLAIMED_BY_SPARE = "ReclaimedBySpare"
-    TIME_LIMIT = "TimeLimit"
-    CANCELED = "Canceled"
+# The ledger vocabulary is the engine's: one definition, used by the API and every rule.
+LeaseRole = Role
+ClosureReason = Closure
 
 
 _PLAIN_CLOSURES = "|".join(c.value for c in ClosureReason if c is not ClosureReason.RANDOM_PREEMPT)
 CLOSURE_REASON_PATTERN = rf"^({_PLAIN_CLOSURES}|RandomPreempt\([0-9A-Za-z]{{1,128}}\))$"
 
 
-def random_preempt(seed: str) -> str:
-    """The closure reason of a lease ended by the lottery: names the published seed."""
-    return f"{ClosureReason.RANDOM_PREEMPT.value}({seed})"
+random_preempt = random_preempt_closure
+"""The closure reason of a lease ended by the lottery: names the published seed."""
 
 
 class LeaseRunRef(RunRef):

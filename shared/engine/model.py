@@ -48,6 +48,8 @@ class FundingKind(StrEnum):
 
 
 class LeaseReason(StrEnum):
+    """Why the Lease was opened."""
+
     START = "Start"
     GROW = "Grow"
     SWAP = "Swap"
