@@ -1,7 +1,7 @@
 """Immutable value types the decision engine reasons about.
 
 The engine never sees Kubernetes objects: services translate Nodes, Budgets, Runs, Reservations
-and Leases into these plain frozen records (see ``shared.engine.translate``), so every rule can be
+and Leases into these plain frozen records (see ``shared.kube.translate``), so every rule can be
 tested as a pure function and replayed from recorded inputs.
 """
 
