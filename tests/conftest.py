@@ -6,11 +6,14 @@ Fixtures start lazily, so a run of pure unit tests starts nothing.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from shared.localenv.controlplane import ControlPlane, ensure_binaries
 from shared.localenv.natsserver import NatsServer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,26 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def crds(kube: ControlPlane) -> ControlPlane:
+    """The control plane with Jobtree's CRDs installed and established."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kube.kubectl(
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=jobtree",
+        timeout=90,
+    )
+    return kube
+
+
+def ensure_namespace(kube: ControlPlane, name: str) -> None:
+    """Create a namespace if absent (namespaces are never deleted: no namespace controller)."""
+    kube.kubectl(
+        "apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n"
+    )

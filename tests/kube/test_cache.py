@@ -4,7 +4,6 @@ Leases become a ClusterState, and later changes update it incrementally."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from shared.kube.resources import BUDGETS, GPU_LEASES, NODES, RESERVATIONS, RUNS
 from shared.kube.translate import ANNOTATION_GPUS, lease_manifest, rfc3339
 from shared.kube.writer import create, delete, patch_status
 from shared.localenv.controlplane import ControlPlane
+from tests.conftest import ensure_namespace
 
 pytestmark = pytest.mark.kube
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -37,17 +37,10 @@ CRDS = ("runs", "budgets", "reservations", "leases")
 
 
 @pytest.fixture(scope="module")
-def cluster(kube: ControlPlane) -> Iterator[ControlPlane]:
-    """CRDs installed and a namespace of our own; everything we create is labelled SUITE."""
-    kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.kubectl(
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        *(f"crd/{p}.rq.davidlangworthy.io" for p in CRDS),
-    )
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-    kube.kubectl("apply", "-f", "-", input=json.dumps(namespace))
+def cluster(crds: ControlPlane) -> Iterator[ControlPlane]:
+    """CRDs installed and a namespace of our own."""
+    kube = crds
+    ensure_namespace(kube, NS)
     yield kube
     kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)
     for kind in ("nodes", "budgets.rq.davidlangworthy.io", "leases.rq.davidlangworthy.io"):

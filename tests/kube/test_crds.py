@@ -13,6 +13,7 @@ import yaml
 
 from shared.api import parse_object
 from shared.localenv.controlplane import ControlPlane
+from tests.conftest import ensure_namespace
 
 pytestmark = pytest.mark.kube
 
@@ -26,19 +27,10 @@ PLURALS = ("budgets", "runs", "reservations", "leases")
 
 
 @pytest.fixture(scope="module")
-def kc(kube: ControlPlane) -> Iterator[ControlPlane]:
-    """The control plane with the Jobtree CRDs installed and served."""
-    kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.kubectl(
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        *(f"crd/{plural}.{GROUP}" for plural in PLURALS),
-    )
-    kube.kubectl(
-        "apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n"
-    )
+def kc(crds: ControlPlane) -> Iterator[ControlPlane]:
+    """CRDs installed and a namespace of our own."""
+    kube = crds
+    ensure_namespace(kube, NS)
     try:
         yield kube
     finally:

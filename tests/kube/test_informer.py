@@ -14,6 +14,7 @@ from shared.kube.informer import EventType, Informer, Listener, Obj, diff, parse
 from shared.kube.resources import RUNS
 from shared.localenv.controlplane import ControlPlane, kubeconfig_text
 from shared.localenv.processes import free_port
+from tests.conftest import ensure_namespace
 
 pytestmark = pytest.mark.kube
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -24,17 +25,11 @@ SUITE = "jobtree.test/suite"
 
 
 @pytest.fixture(scope="module")
-def cluster(kube: ControlPlane) -> Iterator[ControlPlane]:
+def cluster(crds: ControlPlane) -> Iterator[ControlPlane]:
     """CRDs installed and a namespace of our own."""
-    kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.kubectl(
-        "wait", "--for=condition=established", "--timeout=60s", "crd/runs.rq.davidlangworthy.io"
-    )
-    kube.kubectl(
-        "apply", "-f", "-", input=f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"
-    )
-    yield kube
-    kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+    ensure_namespace(crds, NS)
+    yield crds
+    crds.kubectl("delete", "namespace", NS, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")

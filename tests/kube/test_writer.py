@@ -27,6 +27,7 @@ from shared.kube.translate import (
 )
 from shared.kube.writer import KubeError, apply, create, delete, get, patch_status
 from shared.localenv.controlplane import ControlPlane
+from tests.conftest import ensure_namespace
 
 pytestmark = pytest.mark.kube
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -39,13 +40,10 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def cluster(kube: ControlPlane) -> Iterator[ControlPlane]:
-    """CRDs installed, a namespace of our own, one fake 8-GPU node managed by KWOK."""
-    kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.kubectl(
-        "wait", "--for=condition=established", "--timeout=60s", "crd/runs.rq.davidlangworthy.io"
-    )
-    kube.kubectl("apply", "-f", "-", input=json.dumps(namespace_obj()))
+def cluster(crds: ControlPlane) -> Iterator[ControlPlane]:
+    """CRDs installed and a namespace of our own."""
+    kube = crds
+    ensure_namespace(kube, NS)
     kube.kubectl("apply", "-f", "-", input=json.dumps(gpu_node(NODE)))
     yield kube
     kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)

@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.fleet import fleet_manifest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def crds(kube: ControlPlane) -> ControlPlane:
-    """The control plane with Jobtree's CRDs installed and established."""
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kube.kubectl(
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=jobtree",
-        timeout=90,
-    )
-    return kube
+from tests.conftest import ensure_namespace
 
 
 @pytest.fixture(scope="module")
 def namespace(crds: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test module (never deleted: there is no namespace controller)."""
     name = "t-" + request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:50]
-    crds.kubectl("create", "namespace", name, check=False)
+    ensure_namespace(crds, name)
     yield name
 
 
