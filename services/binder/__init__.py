@@ -1,0 +1,1 @@
+"""The binder service: the single writer of Leases, Pods and Services."""

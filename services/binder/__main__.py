@@ -1,0 +1,87 @@
+"""``jobtree-binder`` / ``python -m services.binder``: run the binder service.
+
+Besides the flags every service takes (``--nats-url``, ``--kubeconfig``, ``--http-port``,
+``--log-level``, ``--log-format``), the binder reads its own, each with an environment fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from services.binder.service import BinderOptions, serve
+from shared.bus import ServiceConfig, configure_logging, service_args
+from shared.engine.topology import DEFAULT_GPU_RESOURCE
+from shared.kube.translate import HOLD_IMAGE
+
+
+def _flag(env: str, default: str) -> str:
+    return os.environ.get(env) or default
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOptions]:
+    """The common service settings plus the binder's own options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="jobtree-binder", add_help=False)
+    parser.add_argument(
+        "--gpu-resource",
+        default=_flag("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
+        help="extended resource pods request ($JOBTREE_GPU_RESOURCE; default %(default)s)",
+    )
+    parser.add_argument(
+        "--hold-image",
+        default=_flag("JOBTREE_HOLD_IMAGE", HOLD_IMAGE),
+        help="image of template-less capacity-hold pods ($JOBTREE_HOLD_IMAGE)",
+    )
+    parser.add_argument(
+        "--tick-seconds",
+        type=float,
+        default=float(_flag("JOBTREE_BINDER_TICK_SECONDS", "1.0")),
+        help="lifecycle re-check period: walltime resolution ($JOBTREE_BINDER_TICK_SECONDS)",
+    )
+    parser.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=_truthy(_flag("JOBTREE_LEADER_ELECT", "false")),
+        help="hold the coordination Lease jobtree-binder before writing ($JOBTREE_LEADER_ELECT)",
+    )
+    parser.add_argument(
+        "--leader-namespace",
+        default=_flag("JOBTREE_LEADER_NAMESPACE", _flag("POD_NAMESPACE", "default")),
+        help="namespace of the election Lease ($JOBTREE_LEADER_NAMESPACE, $POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--leader-lease-seconds",
+        type=float,
+        default=float(_flag("JOBTREE_LEADER_LEASE_SECONDS", "15")),
+        help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
+    )
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print()
+    ns, rest = parser.parse_known_args(argv)
+    cfg = service_args("binder", rest)
+    return cfg, BinderOptions(
+        gpu_resource=ns.gpu_resource,
+        hold_image=ns.hold_image,
+        tick_seconds=ns.tick_seconds,
+        leader_elect=ns.leader_elect,
+        leader_namespace=ns.leader_namespace,
+        leader_lease_seconds=ns.leader_lease_seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, options = parse_args(argv)
+    configure_logging(cfg.log_level, cfg.log_format, service="binder")
+    sys.exit(asyncio.run(serve(cfg, options)))
+
+
+if __name__ == "__main__":
+    main()

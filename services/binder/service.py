@@ -1,0 +1,705 @@
+"""The binder: the single writer of Leases, Pods and Services (field manager ``jobtree-binder``).
+
+It answers ``COMMIT`` by re-checking the proposal against its own watch caches plus the commits
+it wrote but has not seen back yet (``shared.control.commit_check``), then applying it in a
+fixed order — lease ends (and the pods they free), the Run's headless Service, new Leases, their
+Pods — and publishing one ``LEDGER`` event per lease opened or closed. Commits are serialised by
+one lock: the check and the writes of one commit never interleave with another's.
+
+It also ends gangs on its own (``shared.control.lifecycle``): on Pod and Run events and on a
+periodic tick (walltime) it closes leases Completed, Fail, TimeLimit or Canceled through the same
+commit path and nudges admission with ``RUN_CHANGED``.
+
+Only one binder may write at a time. With ``--leader-elect`` replicas hold a
+``coordination.k8s.io`` Lease and only the holder serves commits and runs the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from kubernetes_asyncio.client import ApiClient
+
+from services.binder import metrics
+from services.binder.election import LeaderElector
+from shared.api import GROUP
+from shared.api.lease import LABEL_RUN
+from shared.bus import (
+    COMMIT,
+    LEDGER,
+    RUN_CHANGED,
+    BusError,
+    CommitReply,
+    CommitRequest,
+    LeaseEnd,
+    LedgerEvent,
+    RunChanged,
+    RunRef,
+    ServiceConfig,
+    ServiceRuntime,
+)
+from shared.control.commit_check import (
+    CommitPlan,
+    ConflictReason,
+    Inflight,
+    PodChanges,
+    PodKey,
+    PodState,
+    Rejection,
+    intent_lease,
+    ledger_view,
+    plan_commit,
+    pod_changes,
+    same_incarnation,
+)
+from shared.control.lifecycle import Outcome, PodView, RunView, decide
+from shared.engine.bindplan import LeaseIntent, PodIntent
+from shared.engine.model import Lease, RunKey
+from shared.engine.state import ClusterState, Settings
+from shared.engine.topology import DEFAULT_GPU_RESOURCE
+from shared.kube import writer
+from shared.kube.cache import ClusterCache
+from shared.kube.client import KubeError, make_client, request
+from shared.kube.informer import Informer, Obj
+from shared.kube.resources import GPU_LEASES, PODS, RUNS, SERVICES, Resource
+from shared.kube.translate import (
+    HOLD_IMAGE,
+    LABEL_RANK,
+    TranslateError,
+    headless_service,
+    lease_manifest,
+    pod_manifest,
+    rfc3339,
+    service_name,
+)
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "jobtree-binder"
+ANNOTATION_LEASES = f"{GROUP}/leases"
+"""On a pod: the lease names its rank holds on its node, i.e. which incarnation it is."""
+_TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
+_T = TypeVar("_T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class BinderOptions:
+    """Operator knobs of the binder."""
+
+    gpu_resource: str = DEFAULT_GPU_RESOURCE
+    hold_image: str = HOLD_IMAGE
+    tick_seconds: float = 1.0
+    """Lifecycle re-evaluation period (walltime limits are checked at least this often)."""
+    leader_elect: bool = False
+    leader_namespace: str = "default"
+    leader_lease_seconds: float = 15.0
+    settings: Settings = field(default_factory=Settings)
+
+
+# --------------------------------------------------------------------------- pod reading
+
+
+def _meta(obj: Obj) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def pod_run(obj: Obj) -> RunKey | None:
+    """The Run a pod belongs to: its controlling Run owner reference, else its run label."""
+    meta = _meta(obj)
+    namespace = meta.get("namespace")
+    if not isinstance(namespace, str):
+        return None
+    for ref in meta.get("ownerReferences") or ():
+        if isinstance(ref, Mapping) and ref.get("kind") == "Run":
+            return (namespace, str(ref.get("name")))
+    label = (meta.get("labels") or {}).get(LABEL_RUN)
+    return (namespace, label) if isinstance(label, str) else None
+
+
+def _pod_leases(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    text = (meta.get("annotations") or {}).get(ANNOTATION_LEASES) or ""
+    return tuple(sorted(n for n in str(text).split(",") if n))
+
+
+def pod_state(obj: Obj) -> PodState:
+    meta = _meta(obj)
+    return PodState(
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta.get("name") or ""),
+        node=str((obj.get("spec") or {}).get("nodeName") or ""),
+        phase=str((obj.get("status") or {}).get("phase") or "Pending"),
+        leases=_pod_leases(meta),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def pod_view(obj: Obj) -> PodView:
+    meta = _meta(obj)
+    try:
+        rank = int((meta.get("labels") or {}).get(LABEL_RANK, "-1"))
+    except ValueError:
+        rank = -1
+    state = pod_state(obj)
+    return PodView(
+        name=state.name,
+        rank=rank,
+        phase=state.phase,
+        leases=frozenset(state.leases),
+        deleting=state.deleting,
+    )
+
+
+def ledger_closure_label(closure: str) -> str:
+    """Bounded label value: ``RandomPreempt(<seed>)`` → ``RandomPreempt``."""
+    return closure.split("(", 1)[0]
+
+
+class CommitFailed(Exception):
+    """The API server failed part-way through applying a commit (re-sending completes it)."""
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class Binder:
+    """COMMIT endpoint, lifecycle loop and the caches they read."""
+
+    def __init__(
+        self, runtime: ServiceRuntime, api: ApiClient, options: BinderOptions | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.api = api
+        self.options = options or BinderOptions()
+        self.cache = ClusterCache(
+            api,
+            kinds=("nodes", "budgets", "runs", "reservations", "leases"),
+            gpu_resource=self.options.gpu_resource,
+        )
+        self.pods = Informer(api, PODS, label_selector=LABEL_RUN)
+        self._inflight = Inflight()
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.elector: LeaderElector | None = None
+        if self.options.leader_elect:
+            self.elector = LeaderElector(
+                api,
+                name="jobtree-binder",
+                namespace=self.options.leader_namespace,
+                lease_seconds=self.options.leader_lease_seconds,
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, sync the caches, then (once leader) serve commits and run the lifecycle."""
+        await self.runtime.start()
+        for kind in ("runs", "leases"):
+            self.cache.add_listener(kind, self._poke)
+        self.pods.add_listener(self._poke)
+        await self.cache.start()
+        self._tasks.append(asyncio.create_task(self.pods.run(), name="binder-pods"))
+        await self.cache.wait_ready()
+        await self.pods.ready.wait()
+        if self.elector is not None:
+            self._tasks.append(asyncio.create_task(self.elector.run(), name="binder-election"))
+            await self.elector.leading.wait()
+        self.runtime.endpoint(COMMIT, self.commit)
+        self._tasks.append(asyncio.create_task(self._lifecycle_loop(), name="binder-lifecycle"))
+        self.runtime.set_ready(True)
+        metrics.LEADER.set(1)
+        log.info("binder serving commits")
+
+    async def stop(self) -> None:
+        """Finish the commit in progress, stop the loops and caches, then the runtime."""
+        self.runtime.set_ready(False)
+        locked = False
+        with contextlib.suppress(TimeoutError):
+            locked = await asyncio.wait_for(self._lock.acquire(), 10.0)
+        self._stopping = True  # later commits are refused: nothing may start a write now
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if locked:
+            self._lock.release()
+        if self.elector is not None:
+            await self.elector.release()
+        self.pods.stop()
+        await self.cache.stop()
+        await self.runtime.stop()
+        metrics.LEADER.set(0)
+
+    def _poke(self, *_: object) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ COMMIT
+
+    async def commit(self, req: CommitRequest) -> CommitReply:
+        """Handle one commit request (the ``COMMIT`` endpoint)."""
+        started = time.perf_counter()
+        try:
+            if self.elector is not None and not self.elector.is_leader:
+                metrics.COMMITS.labels("rejected").inc()
+                metrics.CONFLICTS.labels("NotLeader").inc()
+                return CommitReply(ok=False, conflict="NotLeader: this binder is not the writer")
+            async with self._lock:
+                if self._stopping:
+                    return self._reject(req, "ShuttingDown", "the binder is stopping; re-send")
+                return await self._commit_locked(req)
+        finally:
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+
+    def _snapshot(self, now: datetime) -> ClusterState:
+        state = self.cache.snapshot(now, self.options.settings)
+        if self._inflight:
+            seen = {
+                name: lease
+                for name in (*self._inflight.opened, *self._inflight.closed)
+                if (lease := self.cache.lease(name)) is not None
+            }
+            self._inflight = self._inflight.settle(seen)
+        return state
+
+    def _reject(
+        self, req: CommitRequest, rejection: Rejection | str, text: str = ""
+    ) -> CommitReply:
+        reason = rejection.reason.value if isinstance(rejection, Rejection) else rejection
+        conflict = rejection.text if isinstance(rejection, Rejection) else f"{rejection}: {text}"
+        metrics.COMMITS.labels("rejected").inc()
+        metrics.CONFLICTS.labels(reason).inc()
+        log.info(
+            "commit rejected",
+            extra={
+                "key": req.key,
+                "run": f"{req.run.namespace}/{req.run.name}",
+                "conflict": conflict,
+            },
+        )
+        return CommitReply(ok=False, conflict=conflict)
+
+    async def _commit_locked(self, req: CommitRequest) -> CommitReply:
+        now = utcnow()
+        state = self._snapshot(now)
+        plan = plan_commit(req, state, self._inflight)
+        if isinstance(plan, Rejection):
+            return self._reject(req, plan)
+        pod_states = self._pod_states()
+        changes = pod_changes(plan, pod_states)
+        run_obj: Obj | None = None
+        leases: list[dict[str, Any]] = []
+        pods: dict[str, dict[str, Any]] = {}
+        try:
+            if plan.creates or changes.create:
+                run_obj = await self._live_run(req.run.key)
+                if run_obj is None:
+                    return self._reject(req, "RunNotFound", f"{req.run.namespace}/{req.run.name}")
+                meta = _meta(run_obj)
+                if req.run.uid and meta.get("uid") != req.run.uid:
+                    return self._reject(req, "StaleRun", "the Run was replaced since the proposal")
+                if meta.get("deletionTimestamp"):
+                    return self._reject(req, "RunDeleting", "the Run is being deleted")
+                try:
+                    leases = [self._lease_body(req, intent, run_obj) for intent in plan.creates]
+                    pods = {pod.name: self._pod_body(plan, pod, run_obj) for pod in changes.create}
+                except (ValueError, TranslateError) as exc:
+                    return self._reject(req, Rejection(ConflictReason.INVALID, str(exc)))
+                refused = await self._dry_run_pods(pods.values())
+                if refused is not None:
+                    return self._reject(req, "InvalidPod", refused)
+            wrote = await self._apply(plan, changes, pod_states, now, run_obj, leases, pods)
+        except (KubeError, CommitFailed) as exc:
+            metrics.COMMITS.labels("error").inc()
+            log.warning("commit failed", extra={"key": req.key, "error": str(exc)})
+            return CommitReply(ok=False, conflict=f"ApiError: {exc}")
+        metrics.COMMITS.labels("ok" if wrote else "noop").inc()
+        log.info(
+            "commit applied" if wrote else "commit already applied",
+            extra={
+                "key": req.key,
+                "run": f"{req.run.namespace}/{req.run.name}",
+                "created": [i.name for i in plan.creates],
+                "ended": [le.name for le, _ in plan.ends],
+            },
+        )
+        return CommitReply(
+            ok=True,
+            created=[intent.name for intent in req.leases],
+            ended=[end.name for end in req.ends],
+        )
+
+    def _lease_body(self, req: CommitRequest, intent: LeaseIntent, run_obj: Obj) -> dict[str, Any]:
+        uid = req.run.uid or str(_meta(run_obj).get("uid") or "")
+        return lease_manifest(
+            intent, budget=req.budget_of.get(intent.envelope), run_uid=uid, gen=req.run.generation
+        )
+
+    def _pod_body(self, plan: CommitPlan, intent: PodIntent, run_obj: Obj) -> dict[str, Any]:
+        body = pod_manifest(
+            intent,
+            run_obj,
+            resource=self.options.gpu_resource,
+            hold_image=self.options.hold_image,
+            service_name=service_name(intent.run[1]),
+        )
+        annotations = body["metadata"].setdefault("annotations", {})
+        annotations[ANNOTATION_LEASES] = ",".join(plan.pod_leases.get(intent.name, ()))
+        return body
+
+    async def _apply(
+        self,
+        plan: CommitPlan,
+        changes: PodChanges,
+        states: Mapping[PodKey, PodState],
+        now: datetime,
+        run_obj: Obj | None,
+        leases: list[dict[str, Any]],
+        pods: dict[str, dict[str, Any]],
+    ) -> bool:
+        """Write the commit: ends, freed pods, Service, Leases, Pods. True if anything changed."""
+        wrote = False
+        for lease, closure in plan.ends:
+            end = max(now, lease.start)
+            await self._close_lease(lease, closure, end)
+            self._inflight = self._inflight.with_commit([], [(lease.name, closure)])
+            metrics.LEASES.labels("closed", ledger_closure_label(closure)).inc()
+            await self._ledger(lease, "closed", end, closure)
+            wrote = True
+        for key in changes.delete:
+            node = self.cache.topology.node(states[key].node)
+            if node is None or not node.ready:
+                # No kubelet will confirm a graceful delete on a lost node: delete outright.
+                cached = self.pods.get(f"{key[0]}/{key[1]}")
+                uid = str(_meta(cached).get("uid") or "") if cached is not None else ""
+                await self._force_delete_pod(key, uid)
+                deleted = True
+            else:
+                deleted = await self._delete_pod(key)
+            if deleted:
+                metrics.PODS.labels("deleted").inc()
+                wrote = True
+        creates = list(changes.create)
+        for key in changes.replace:
+            pod = next(p for p in creates if (p.run[0], p.name) == key)
+            live = await self._get(PODS, key[1], key[0])
+            if live is not None and same_incarnation(
+                pod_state(live), pod, plan.pod_leases.get(pod.name, ())
+            ):
+                creates.remove(pod)  # the cache lagged: the right pod already stands
+                continue
+            if live is not None:
+                await self._force_delete_pod(key, str(_meta(live).get("uid") or ""))
+                metrics.PODS.labels("replaced").inc()
+        if creates and run_obj is not None:
+            await self._create(SERVICES, headless_service(run_obj))
+        for intent, body in zip(plan.creates, leases, strict=True):
+            await self._create(GPU_LEASES, body)
+            record = intent_lease(intent)
+            self._inflight = self._inflight.with_commit([record], [])
+            metrics.LEASES.labels("opened", "").inc()
+            await self._ledger(record, "opened", intent.start, "")
+            wrote = True
+        for pod in creates:
+            if await self._create(PODS, pods[pod.name]):
+                metrics.PODS.labels("created").inc()
+                wrote = True
+        return wrote
+
+    # ------------------------------------------------------------------ writes
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Retry transient API failures a few times; anything else is raised at once."""
+        delay = 0.1
+        for attempt in range(4):
+            try:
+                return await call()
+            except KubeError as exc:
+                if exc.status not in _TRANSIENT or attempt == 3:
+                    raise
+                log.info("retrying %s after %s", what, exc)
+                await asyncio.sleep(delay)
+                delay *= 3
+        raise AssertionError("unreachable")
+
+    async def _create(self, resource: Resource, body: Mapping[str, Any]) -> bool:
+        """Create with our field manager; False when it already existed (idempotent)."""
+        meta = body["metadata"]
+        namespace = meta.get("namespace") if resource.namespaced else None
+
+        async def post() -> bool:
+            try:
+                await request(
+                    self.api,
+                    "POST",
+                    resource.path(namespace),
+                    query=[("fieldManager", FIELD_MANAGER)],
+                    body=dict(body),
+                )
+            except KubeError as exc:
+                if exc.status == 409 and exc.reason == "AlreadyExists":
+                    return False
+                raise
+            return True
+
+        return await self._retry(f"create {resource.plural}/{meta['name']}", post)
+
+    async def _dry_run_pods(self, bodies: Iterable[Mapping[str, Any]]) -> str | None:
+        """Let the API server validate every pod before anything is written, so a Run whose
+        template cannot make a pod is refused whole instead of leaving leases without pods."""
+        for body in bodies:
+            namespace = str(body["metadata"]["namespace"])
+            path = PODS.path(namespace)
+
+            async def post(body: Mapping[str, Any] = body, path: str = path) -> None:
+                query: list[tuple[str, str | int]] = [
+                    ("dryRun", "All"),
+                    ("fieldManager", FIELD_MANAGER),
+                ]
+                await request(self.api, "POST", path, query=query, body=dict(body))
+
+            try:
+                await self._retry("dry-run pod", post)
+            except KubeError as exc:
+                if exc.status == 409:  # the name is taken by the pod this commit replaces
+                    continue
+                if 400 <= exc.status < 500:
+                    return f"pod {namespace}/{body['metadata']['name']}: {exc.message}"
+                raise
+        return None
+
+    async def _get(self, resource: Resource, name: str, namespace: str | None) -> Obj | None:
+        return await self._retry(
+            f"get {resource.plural}/{name}", lambda: writer.get(self.api, resource, name, namespace)
+        )
+
+    async def _close_lease(self, lease: Lease, closure: str, end: datetime) -> None:
+        status = {"closed": True, "endTime": rfc3339(end), "closureReason": closure}
+
+        async def patch() -> None:
+            try:
+                await writer.patch_status(
+                    self.api, GPU_LEASES, lease.name, status, field_manager=FIELD_MANAGER
+                )
+            except KubeError as exc:
+                if exc.status != 422:
+                    raise
+                # Closed meanwhile by an earlier attempt: once-set fields refuse new values.
+                live = await writer.get(self.api, GPU_LEASES, lease.name)
+                if not (live and (live.get("status") or {}).get("closed")):
+                    raise
+
+        await self._retry(f"close lease {lease.name}", patch)
+
+    async def _delete_pod(self, key: PodKey) -> bool:
+        return await self._retry(
+            f"delete pod {key[0]}/{key[1]}",
+            lambda: writer.delete(self.api, PODS, key[1], key[0]),
+        )
+
+    async def _force_delete_pod(self, key: PodKey, uid: str, timeout: float = 20.0) -> None:
+        """Delete at once (grace 0) and wait until the name is free for the new incarnation."""
+        namespace, name = key
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await request(self.api, "DELETE", PODS.path(namespace, name), body=body)
+        except KubeError as exc:
+            if exc.status not in (404, 409):  # gone, or already replaced (uid precondition)
+                raise
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = await self._get(PODS, name, namespace)
+            if live is None or (uid and _meta(live).get("uid") != uid):
+                return
+            await asyncio.sleep(0.1)
+        raise CommitFailed(f"pod {namespace}/{name} still terminating after {timeout:.0f}s")
+
+    async def _ledger(self, lease: Lease, kind: str, at: datetime, closure: str) -> None:
+        """One LEDGER event; losing it only delays consumers until their resync."""
+        event = LedgerEvent(
+            kind="opened" if kind == "opened" else "closed",
+            lease=lease.name,
+            run=lease.run,
+            envelope=lease.envelope,
+            gpus=lease.gpus,
+            at=at,
+            closure=closure,
+        )
+        try:
+            await self.runtime.publish(LEDGER, event, msg_id=f"{lease.name}:{kind}")
+        except BusError as exc:
+            log.warning("ledger event lost", extra={"lease": lease.name, "error": str(exc)})
+
+    # ------------------------------------------------------------------ reads
+
+    def _pod_states(self) -> dict[PodKey, PodState]:
+        states = (pod_state(obj) for obj in self.pods.items.values())
+        return {state.key: state for state in states}
+
+    async def _live_run(self, key: RunKey) -> Obj | None:
+        """The Run object: from the cache, else from the API server (the cache may lag)."""
+        cached = self.cache.run_object(key)
+        if cached is not None:
+            return cached
+        return await self._get(RUNS, key[1], key[0])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _lifecycle_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.options.tick_seconds)
+            self._wake.clear()
+            if self._stopping:
+                return
+            if self.elector is not None and not self.elector.is_leader:
+                continue
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lifecycle pass failed")
+
+    async def reconcile(self, now: datetime | None = None) -> list[tuple[RunKey, Outcome]]:
+        """One lifecycle pass over every Run with open leases or pods; returns what it did."""
+        now = now or utcnow()
+        async with self._lock:
+            state = self._snapshot(now)
+            known = ledger_view(state, self._inflight)
+        by_run: dict[RunKey, list[Lease]] = {}
+        for lease in known.values():
+            if lease.open:
+                by_run.setdefault(lease.run, []).append(lease)
+        pods_by_run: dict[RunKey, list[PodView]] = {}
+        for obj in self.pods.items.values():
+            key = pod_run(obj)
+            if key is not None:
+                pods_by_run.setdefault(key, []).append(pod_view(obj))
+        done: list[tuple[RunKey, Outcome]] = []
+        for key in sorted(by_run.keys() | pods_by_run.keys()):
+            leases = by_run.get(key, [])
+            pods = pods_by_run.get(key, [])
+            if not leases and all(p.deleting for p in pods):
+                continue
+            view = await self._run_view(key, confirm=True)
+            if not leases and view.present and not view.deleting:
+                continue
+            outcome = decide(leases, pods, view, now)
+            if outcome.idle:
+                continue
+            await self._finish(key, outcome)
+            done.append((key, outcome))
+        return done
+
+    async def _run_view(self, key: RunKey, *, confirm: bool) -> RunView:
+        """The Run as lifecycle sees it; absence is confirmed with the API server, so a Run
+        the cache has not seen yet is never mistaken for a deleted one."""
+        obj = self.cache.run_object(key)
+        if obj is None and confirm:
+            try:
+                obj = await writer.get(self.api, RUNS, key[1], key[0])
+            except KubeError:
+                return RunView(present=True)  # cannot tell: assume it is still there
+        if obj is None:
+            return RunView(present=False)
+        request_ = self.cache.run_request(key)
+        return RunView(
+            present=True,
+            deleting=bool(_meta(obj).get("deletionTimestamp")),
+            max_duration=request_.max_duration if request_ is not None else None,
+        )
+
+    async def _finish(self, key: RunKey, outcome: Outcome) -> None:
+        """Apply a lifecycle outcome: ends through the commit path, then pod deletions."""
+        if outcome.ends:
+            closure = outcome.closure.value if outcome.closure else "Lifecycle"
+            req = CommitRequest(
+                key=f"lifecycle:{key[0]}/{key[1]}:{closure}",
+                run=RunRef(namespace=key[0], name=key[1], uid="", generation=0),
+                version=self.cache.version,
+                ends=[LeaseEnd(name=name, closure=c) for name, c in outcome.ends],
+                reason=f"Lifecycle:{closure}",
+            )
+            async with self._lock:
+                reply = await self._commit_locked(req)
+            if not reply.ok:
+                log.warning("lifecycle commit failed", extra={"run": key, "error": reply.conflict})
+                return
+            metrics.LIFECYCLE.labels(closure).inc()
+            log.info(
+                "gang ended",
+                extra={"run": f"{key[0]}/{key[1]}", "closure": closure, "why": outcome.message},
+            )
+            try:
+                await self.runtime.publish(RUN_CHANGED, RunChanged(namespace=key[0], name=key[1]))
+            except BusError as exc:
+                log.warning("run-changed nudge lost", extra={"error": str(exc)})
+        for name in outcome.delete_pods:
+            live = self.pods.get(f"{key[0]}/{name}")
+            if live is not None and _meta(live).get("deletionTimestamp"):
+                continue
+            try:
+                if await self._delete_pod((key[0], name)):
+                    metrics.PODS.labels("deleted").inc()
+            except KubeError as exc:
+                log.warning(
+                    "pod delete failed", extra={"pod": f"{key[0]}/{name}", "error": str(exc)}
+                )
+
+
+# --------------------------------------------------------------------------- process entry
+
+
+async def serve(cfg: ServiceConfig, options: BinderOptions) -> int:
+    """Run one binder process until SIGTERM/SIGINT (exit 0) or lost leadership (exit 1)."""
+    api = await make_client(cfg.kubeconfig)
+    runtime = ServiceRuntime.from_config(cfg)
+    binder = Binder(runtime, api, options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait())]
+    if binder.elector is not None:
+        waits.append(asyncio.create_task(binder.elector.lost.wait()))
+    starting = asyncio.create_task(binder.start())
+    try:
+        await asyncio.wait([starting, *waits], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            failure = starting.exception()
+            if failure is not None:
+                raise failure
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        starting.cancel()
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(starting, *waits, return_exceptions=True)
+        await binder.stop()
+        await api.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    lost = binder.elector is not None and binder.elector.lost.is_set()
+    log.info("binder stopped", extra={"lost_leadership": lost})
+    return 1 if lost else 0

@@ -1,0 +1,470 @@
+"""The binder's commit re-check: capacity, budgets, claims, idempotency, pod changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.bus.messages import CommitRequest, LeaseEnd, RunRef
+from shared.control.commit_check import (
+    CommitPlan,
+    ConflictReason,
+    Inflight,
+    PodState,
+    Rejection,
+    check_commit,
+    intent_lease,
+    occupancy,
+    plan_commit,
+    pod_changes,
+    reservation_of,
+)
+from shared.engine.bindplan import LeaseIntent, PodIntent
+from shared.engine.model import (
+    AggregateCap,
+    Budget,
+    Envelope,
+    FundingKind,
+    Lease,
+    LeaseReason,
+    Lending,
+    Node,
+    ReservationClaim,
+    Role,
+    RunKey,
+)
+from shared.engine.state import ClusterState
+from shared.engine.topology import node_from_labels
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+H = timedelta(hours=1)
+RUN: RunKey = ("ns", "train")
+OTHER: RunKey = ("ns", "other")
+LABELS = {"region": "r", "cluster": "c", "fabric.domain": "d", "gpu.flavor": "H100"}
+
+
+def _node(name: str, gpus: int = 8, *, ready: bool = True, cordoned: bool = False) -> Node:
+    node = node_from_labels(
+        name, LABELS, {"nvidia.com/gpu": str(gpus)}, ready=ready, cordoned=cordoned
+    )
+    assert isinstance(node, Node)
+    return node
+
+
+def _env(name: str, concurrency: int, *, lending: Lending | None = None) -> Envelope:
+    return Envelope(
+        budget="b",
+        owner="org:a",
+        name=name,
+        flavor="H100",
+        selector={"region": "r"},
+        concurrency=concurrency,
+        lending=lending or Lending(),
+    )
+
+
+BUDGETS = (
+    Budget(
+        name="b",
+        owner="org:a",
+        parents=(),
+        envelopes=(
+            _env("e", 16),
+            _env("f", 8),
+            _env("lend", 32, lending=Lending(allow=True, to=("org:*",), max_concurrency=4)),
+        ),
+        caps=(AggregateCap("b", "ef", "H100", ("b/e", "b/f"), max_concurrency=20),),
+    ),
+)
+
+
+def state(
+    ledger: Iterable[Lease] = (), *, claims: Iterable[ReservationClaim] = (), now: datetime = T0
+) -> ClusterState:
+    nodes = [
+        _node("n1"),
+        _node("n2"),
+        _node("n3"),
+        _node("cordoned", cordoned=True),
+        _node("down", ready=False),
+    ]
+    return ClusterState.build(
+        now=now,
+        nodes=nodes,
+        budgets=BUDGETS,
+        ledger=ledger,
+        claims=claims,
+    )
+
+
+def intent(
+    name: str,
+    node: str = "n1",
+    gpus: int = 8,
+    *,
+    rank: int = 0,
+    envelope: str = "b/e",
+    role: Role = Role.ACTIVE,
+    funding: FundingKind = FundingKind.OWNED,
+    run: RunKey = RUN,
+    expected_end: datetime | None = None,
+) -> LeaseIntent:
+    return LeaseIntent(
+        name=name,
+        run=run,
+        owner="org:a",
+        node=node,
+        gpus=gpus,
+        role=role,
+        group=0,
+        rank=rank,
+        envelope=envelope,
+        payer_owner="org:a",
+        funding=funding,
+        start=T0,
+        reason=LeaseReason.START,
+        expected_end=expected_end,
+        comp_path=("GROUP[0]", f"RANK[{rank}]"),
+    )
+
+
+def held(name: str, node: str = "n1", gpus: int = 8, **kw: object) -> Lease:
+    """An existing lease (of another run unless ``run`` is given)."""
+    kw.setdefault("run", OTHER)
+    return intent_lease(intent(name, node, gpus, **kw))  # type: ignore[arg-type]
+
+
+def pod(rank: int = 0, node: str = "n1", gpus: int = 8, run: RunKey = RUN) -> PodIntent:
+    return PodIntent(
+        name=f"{run[1]}-g0-r{rank}",
+        run=run,
+        node=node,
+        gpus=gpus,
+        group=0,
+        rank=rank,
+        role=Role.ACTIVE,
+        world_size=2,
+        master=f"{run[1]}-g0-r0",
+    )
+
+
+def commit(
+    leases: Iterable[LeaseIntent] = (),
+    pods: Iterable[PodIntent] = (),
+    ends: Iterable[tuple[str, str]] = (),
+    reason: str = "",
+) -> CommitRequest:
+    return CommitRequest(
+        key="k",
+        run=RunRef(namespace=RUN[0], name=RUN[1], uid="uid", generation=1),
+        version=0,
+        leases=list(leases),
+        pods=list(pods),
+        ends=[LeaseEnd(name=n, closure=c) for n, c in ends],
+        reason=reason,
+    )
+
+
+def rejected(result: CommitPlan | Rejection) -> Rejection:
+    assert isinstance(result, Rejection), result
+    return result
+
+
+def accepted(result: CommitPlan | Rejection) -> CommitPlan:
+    assert isinstance(result, CommitPlan), result
+    return result
+
+
+# --------------------------------------------------------------------------- acceptance
+
+
+def test_a_fitting_commit_is_accepted_with_everything_to_write() -> None:
+    req = commit([intent("l0", "n1", rank=0), intent("l1", "n2", rank=1)], [pod(0), pod(1, "n2")])
+    plan = accepted(plan_commit(req, state()))
+    assert [i.name for i in plan.creates] == ["l0", "l1"]
+    assert [p.name for p in plan.pods] == ["train-g0-r0", "train-g0-r1"]
+    assert plan.pod_leases["train-g0-r1"] == ("l1",)
+    assert not plan.noop
+    assert check_commit(req, state()) is None
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def test_a_node_never_holds_more_gpus_than_it_has() -> None:
+    result = rejected(plan_commit(commit([intent("l0", "n1", 4)]), state([held("x", "n1", 6)])))
+    assert result.reason is ConflictReason.NODE_CAPACITY
+    assert "node n1 has 8 GPUs, 6 held; the commit needs 4 more" in result.message
+    assert result.text.startswith("NodeCapacity: ")
+
+
+def test_ends_in_the_same_commit_free_their_gpus_first() -> None:
+    req = commit([intent("l0", "n1", 8)], ends=[("x", "Swap")])
+    plan = accepted(plan_commit(req, state([held("x", "n1", 6)])))
+    assert [(le.name, c) for le, c in plan.ends] == [("x", "Swap")]
+
+
+def test_new_leases_of_one_commit_add_up_on_a_node() -> None:
+    req = commit([intent("l0", "n1", 6, rank=0), intent("l1", "n1", 4, rank=1)])
+    assert rejected(plan_commit(req, state())).reason is ConflictReason.NODE_CAPACITY
+
+
+@pytest.mark.parametrize(
+    ("node", "reason"),
+    [
+        ("ghost", ConflictReason.UNKNOWN_NODE),
+        ("cordoned", ConflictReason.NODE_UNSCHEDULABLE),
+        ("down", ConflictReason.NODE_UNSCHEDULABLE),
+    ],
+)
+def test_unknown_or_unschedulable_nodes_take_no_new_lease(
+    node: str, reason: ConflictReason
+) -> None:
+    assert rejected(plan_commit(commit([intent("l0", node, 1)]), state())).reason is reason
+
+
+def test_fill_lives_inside_spare_gpus() -> None:
+    spare = held("s", "n1", 8, role=Role.SPARE)
+    fill = intent("f0", "n1", 8, role=Role.BORROWED, envelope="b/f")
+    assert isinstance(plan_commit(commit([fill]), state([spare])), CommitPlan)
+    assert occupancy([spare, intent_lease(fill)]) == 8
+    bigger = intent("f0", "n1", 8, role=Role.ACTIVE, envelope="b/f")
+    assert rejected(plan_commit(commit([bigger]), state([spare]))).reason is (
+        ConflictReason.NODE_CAPACITY
+    )
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_envelope_concurrency_is_a_hard_cap() -> None:
+    ledger = [held("x", "n2", 8), held("y", "n3", 4)]
+    result = rejected(plan_commit(commit([intent("l0", "n1", 8)]), state(ledger)))
+    assert result.reason is ConflictReason.ENVELOPE_CONCURRENCY
+    assert "envelope b/e allows 16 GPUs, 12 held; the commit adds 8" in result.message
+
+
+def test_ending_leases_of_an_envelope_makes_room_in_it() -> None:
+    ledger = [held("x", "n2", 8), held("y", "n3", 4)]
+    req = commit([intent("l0", "n1", 8)], ends=[("y", "Shrink")])
+    assert check_commit(req, state(ledger)) is None
+
+
+def test_an_unknown_envelope_cannot_pay() -> None:
+    req = commit([intent("l0", "n1", 1, envelope="b/nope")])
+    assert rejected(plan_commit(req, state())).reason is ConflictReason.UNKNOWN_ENVELOPE
+
+
+def test_aggregate_caps_bound_several_envelopes_together() -> None:
+    ledger = [held("x", "n2", 8, envelope="b/e"), held("y", "n3", 6, envelope="b/e")]
+    ok = commit([intent("l0", "n1", 6, envelope="b/f")])
+    assert check_commit(ok, state(ledger)) is None
+    over = commit([intent("l0", "n1", 7, envelope="b/f")])
+    result = rejected(plan_commit(over, state(ledger)))
+    assert result.reason is ConflictReason.AGGREGATE_CAP
+    assert "aggregate cap b/ef allows 20 GPUs, 14 held; the commit adds 7" in result.message
+
+
+def test_sponsor_leases_respect_the_lenders_sub_cap() -> None:
+    lent = intent("l0", "n1", 4, envelope="b/lend", funding=FundingKind.SPONSOR)
+    assert check_commit(commit([lent]), state()) is None
+    too_much = replace(lent, gpus=5)
+    result = rejected(plan_commit(commit([too_much]), state()))
+    assert result.reason is ConflictReason.LENDING_LIMIT
+    # Owned use of the same envelope is not lending.
+    own = intent("l0", "n1", 8, envelope="b/lend")
+    assert check_commit(commit([own]), state()) is None
+
+
+def test_an_envelope_that_does_not_lend_cannot_sponsor() -> None:
+    lent = intent("l0", "n1", 1, envelope="b/e", funding=FundingKind.SPONSOR)
+    assert rejected(plan_commit(commit([lent]), state())).reason is ConflictReason.LENDING_LIMIT
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+def _claim(run: RunKey = OTHER, name: str = "res", start: datetime = T0 + H) -> ReservationClaim:
+    return ReservationClaim(name=name, run=run, earliest_start=start, nodes=("n1",), gpus=6)
+
+
+def test_gpus_promised_to_a_reservation_are_protected() -> None:
+    result = rejected(plan_commit(commit([intent("l0", "n1", 4)]), state(claims=[_claim()])))
+    assert result.reason is ConflictReason.PROTECTED
+    assert "6 of its 8 GPUs are promised" in result.message
+    assert check_commit(commit([intent("l0", "n1", 2)]), state(claims=[_claim()])) is None
+
+
+def test_backfill_that_ends_before_the_reservation_may_use_its_gpus() -> None:
+    short = intent("l0", "n1", 8, expected_end=T0 + H)
+    assert check_commit(commit([short]), state(claims=[_claim()])) is None
+    too_long = intent("l0", "n1", 8, expected_end=T0 + 2 * H)
+    assert check_commit(commit([too_long]), state(claims=[_claim()])) is not None
+
+
+def test_the_activating_reservation_and_the_runs_own_claims_do_not_block_it() -> None:
+    req = commit([intent("l0", "n1", 8)], reason="Reservation:ns/res")
+    assert check_commit(req, state(claims=[_claim()])) is None
+    wrong_ns = commit([intent("l0", "n1", 8)], reason="Reservation:elsewhere/res")
+    assert check_commit(wrong_ns, state(claims=[_claim()])) is not None
+    assert check_commit(commit([intent("l0", "n1", 8)]), state(claims=[_claim(RUN)])) is None
+
+
+def test_reservation_reasons_parse() -> None:
+    assert reservation_of("Reservation:ns/big") == ("ns", "big")
+    assert reservation_of("Reservation:nope") is None
+    assert reservation_of("Start") is None
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def test_a_re_sent_commit_is_a_no_op_even_on_a_now_full_node() -> None:
+    intents = [intent("l0", "n1", 8, rank=0)]
+    ledger = [intent_lease(i) for i in intents] + [held("x", "n2", 8)]
+    plan = accepted(plan_commit(commit(intents, [pod(0)]), state(ledger)))
+    assert plan.noop
+    assert plan.existing == ("l0",)
+    assert [p.name for p in plan.pods] == ["train-g0-r0"]  # its pod may still be missing
+
+
+def test_a_partly_applied_commit_checks_only_what_is_missing() -> None:
+    intents = [intent("l0", "n1", 8, rank=0), intent("l1", "n2", 8, rank=1)]
+    plan = accepted(plan_commit(commit(intents), state([intent_lease(intents[0])])))
+    assert [i.name for i in plan.creates] == ["l1"]
+    assert plan.existing == ("l0",)
+
+
+def test_pods_of_closed_leases_are_not_recreated() -> None:
+    intents = [intent("l0", "n1", 8, rank=0)]
+    closed = replace(intent_lease(intents[0]), end=T0 + H, closure="Completed")
+    plan = accepted(plan_commit(commit(intents, [pod(0)]), state([closed])))
+    assert plan.noop
+    assert plan.pods == ()
+
+
+def test_ending_an_already_closed_lease_is_skipped() -> None:
+    closed = replace(held("x"), end=T0, closure="Fail")
+    plan = accepted(plan_commit(commit(ends=[("x", "Fail")]), state([closed])))
+    assert plan.ends == ()
+    assert plan.already_ended == ("x",)
+    assert plan.noop
+
+
+def test_ending_an_unknown_lease_is_a_stale_proposal() -> None:
+    result = rejected(plan_commit(commit(ends=[("ghost", "Fail")]), state()))
+    assert result.reason is ConflictReason.UNKNOWN_LEASE
+
+
+# --------------------------------------------------------------------------- in-flight commits
+
+
+def test_commits_written_but_not_yet_watched_still_count() -> None:
+    first = [intent("l0", "n1", 8)]
+    inflight = Inflight().with_commit([intent_lease(i) for i in first], [])
+    second = commit([intent("o0", "n1", 1, run=RUN)])
+    assert rejected(plan_commit(second, state(), inflight)).reason is (ConflictReason.NODE_CAPACITY)
+    # The first commit re-sent is recognised through the in-flight view too.
+    assert accepted(plan_commit(commit(first), state(), inflight)).noop
+
+
+def test_in_flight_ends_free_capacity_and_settle_once_watched() -> None:
+    x = held("x", "n1", 8)
+    inflight = Inflight().with_commit([], [("x", "Completed")])
+    assert check_commit(commit([intent("l0", "n1", 8)]), state([x]), inflight) is None
+    assert accepted(plan_commit(commit(ends=[("x", "Fail")]), state([x]), inflight)).ends == ()
+    # The cache still shows x open: keep the entry; once it shows x closed, drop it.
+    assert inflight.settle({"x": x}) == inflight
+    closed = replace(x, end=T0, closure="Completed")
+    assert not inflight.settle({"x": closed})
+    created = Inflight().with_commit([x], [])
+    assert not created.settle({"x": x})
+
+
+# --------------------------------------------------------------------------- shape
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        commit([intent("l0", "n1", 1), intent("l0", "n2", 1)]),
+        commit([intent("l0", "n1", 1, run=OTHER)]),
+        commit([intent("l0", "n1", 1)], ends=[("l0", "Fail")]),
+        commit(ends=[("x", "Fail"), ("x", "Fail")]),
+        commit([intent("l0", "n1", 0)]),
+        commit([intent("l0", "n1", 1)], [pod(0, "n2")]),
+        commit([intent("l0", "n1", 1)], [pod(0), pod(0)]),
+        commit([intent("l0", "n1", 1)], [pod(0, run=OTHER)]),
+    ],
+)
+def test_malformed_commits_are_invalid(req: CommitRequest) -> None:
+    result = rejected(plan_commit(req, state([held("x", "n3", 1)])))
+    assert result.reason is ConflictReason.INVALID
+
+
+# --------------------------------------------------------------------------- pod changes
+
+
+def _pods(*states: PodState) -> dict[tuple[str, str], PodState]:
+    return {p.key: p for p in states}
+
+
+def test_a_new_gang_creates_every_pod() -> None:
+    plan = accepted(plan_commit(commit([intent("l0")], [pod(0)]), state()))
+    changes = pod_changes(plan, {})
+    assert [p.name for p in changes.create] == ["train-g0-r0"]
+    assert changes.delete == changes.replace == ()
+
+
+def test_the_same_incarnation_on_its_node_is_left_alone() -> None:
+    intents = [intent("l0")]
+    plan = accepted(plan_commit(commit(intents, [pod(0)]), state([intent_lease(intents[0])])))
+    running = PodState("ns", "train-g0-r0", "n1", "Running", ("l0",))
+    assert pod_changes(plan, _pods(running)).create == ()
+
+
+def test_a_stale_or_terminated_pod_under_the_same_name_is_replaced() -> None:
+    plan = accepted(plan_commit(commit([intent("l9")], [pod(0)]), state()))
+    old = PodState("ns", "train-g0-r0", "n1", "Running", ("l0",))
+    changes = pod_changes(plan, _pods(old))
+    assert changes.replace == (("ns", "train-g0-r0"),)
+    assert [p.name for p in changes.create] == ["train-g0-r0"]
+    done = PodState("ns", "train-g0-r0", "n1", "Failed", ("l9",))
+    assert pod_changes(plan, _pods(done)).replace == (("ns", "train-g0-r0"),)
+
+
+def test_ended_ranks_lose_running_pods_but_keep_terminated_ones() -> None:
+    mine = held("m0", "n1", 8, run=RUN)
+    plan = accepted(plan_commit(commit(ends=[("m0", "Shrink")]), state([mine])))
+    running = PodState("ns", "train-g0-r0", "n1", "Running", ("m0",))
+    assert pod_changes(plan, _pods(running)).delete == (("ns", "train-g0-r0"),)
+    finished = replace(running, phase="Succeeded")
+    assert pod_changes(plan, _pods(finished)).delete == ()
+
+
+def test_a_swap_moves_the_rank_pod_to_the_spare_node() -> None:
+    failed = held("m0", "n1", 8, run=RUN)
+    spare = held("s0", "n2", 8, run=RUN, role=Role.SPARE, rank=-1)
+    req = commit(
+        [intent("m1", "n2", 8)], [pod(0, "n2")], ends=[("m0", "NodeFailure"), ("s0", "Swap")]
+    )
+    plan = accepted(plan_commit(req, state([failed, spare])))
+    old = PodState("ns", "train-g0-r0", "n1", "Running", ("m0",))
+    changes = pod_changes(plan, _pods(old))
+    assert changes.delete == ()
+    assert changes.replace == (("ns", "train-g0-r0"),)
+    assert [p.node for p in changes.create] == ["n2"]
+
+
+def test_ends_of_other_runs_delete_their_pods_in_their_own_namespace() -> None:
+    victim = held("v0", "n1", 8, run=("team-b", "victim"))
+    req = commit([intent("l0", "n1", 8)], [pod(0)], ends=[("v0", "RandomPreempt(abc)")])
+    plan = accepted(plan_commit(req, state([victim])))
+    theirs = PodState("team-b", "victim-g0-r0", "n1", "Running", ("v0",))
+    same_name_elsewhere = PodState("ns", "victim-g0-r0", "n1", "Running", ("zz",))
+    changes = pod_changes(plan, _pods(theirs, same_name_elsewhere))
+    assert changes.delete == (("team-b", "victim-g0-r0"),)
+    assert [p.name for p in changes.create] == ["train-g0-r0"]
