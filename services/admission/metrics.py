@@ -1,0 +1,48 @@
+"""Prometheus metrics the admission service exports (registered once per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RUNS_SUBMITTED = Counter(
+    "jobtree_runs_submitted_total",
+    "Runs seen for the first time without a status (new submissions), by GPU flavor.",
+    ["flavor"],
+)
+
+ADMISSION_LATENCY = Histogram(
+    "jobtree_runs_admission_latency_seconds",
+    "Time from first seeing a Run to its first decision: bound (Running), reserved or failed.",
+    ["flavor", "result"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
+)
+
+BUDGET_CONCURRENCY = Gauge(
+    "jobtree_budgets_concurrency_gpus",
+    "GPUs held now by leases an envelope pays, by class (owned, shared, borrowed, spare).",
+    ["owner", "budget", "envelope", "flavor", "class"],
+)
+
+BUDGET_HEADROOM_GPUS = Gauge(
+    "jobtree_budget_headroom_gpus",
+    "Concurrency headroom of an envelope: GPUs it can still pay at once.",
+    ["budget", "envelope"],
+)
+
+BUDGET_HEADROOM_GPU_HOURS = Gauge(
+    "jobtree_budget_headroom_gpu_hours",
+    "GPU-hours an envelope can still pay (only envelopes with maxGPUHours).",
+    ["budget", "envelope"],
+)
+
+RECONCILES = Counter(
+    "jobtree_admission_reconciles_total",
+    "Run reconciles by outcome (settle, observe, hold, start, error).",
+    ["outcome"],
+)
+
+COMMITS = Counter(
+    "jobtree_admission_commits_total",
+    "Commits admission sent to the binder, by reason (Start, Grow, Shrink) and result.",
+    ["reason", "result"],
+)
