@@ -17,4 +17,3 @@ def test_seed_labelled_nodes_become_ready(crds: ControlPlane) -> None:
     assert node["metadata"]["labels"]["fabric.domain"] == "nv-a"
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     crds.kubectl("delete", "node", *names, "--wait=false")
-
