@@ -3,11 +3,17 @@
 # kube-apiserver, kubectl, etcd and kwok. Honours KUBEBUILDER_ASSETS (kube-apiserver, etcd,
 # kubectl found there are used as they are); anything missing is built once from the Go module
 # proxy into a cache outside the repo and reused. Prints the directory holding all four binaries.
+#
+# Deployment tooling is built only on request, by name: `bash hack/testbin.sh helm promtool`
+# builds (or reuses) just those and prints the same directory as its last line.
 set -euo pipefail
 
 K8S_VERSION=${JOBTREE_K8S_VERSION:-v1.34.4}
 ETCD_VERSION=${JOBTREE_ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${JOBTREE_KWOK_VERSION:-v0.7.0}
+HELM_VERSION=${JOBTREE_HELM_VERSION:-v3.22.0}
+# Prometheus publishes its Go module as v0.<major><minor>.<patch>: v0.316.0 is Prometheus 3.16.0.
+PROMETHEUS_MODULE_VERSION=${JOBTREE_PROMETHEUS_MODULE_VERSION:-v0.316.0}
 CACHE=${JOBTREE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jobtree}
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -28,9 +34,9 @@ staging_replaces() {
   done
 }
 
-# build NAME VERSION MODULE@VERSION PACKAGE [LDFLAGS] [EXTRA_GO_MOD_LINES]
+# build NAME VERSION MODULE@VERSION PACKAGE [LDFLAGS] [EXTRA_GO_MOD_LINES] [BUILD_TAGS]
 build() {
-  local name=$1 version=$2 modver=$3 pkg=$4 ldflags=${5:-} extra=${6:-}
+  local name=$1 version=$2 modver=$3 pkg=$4 ldflags=${5:-} extra=${6:-} tags=${7:-}
   local out="$BIN/$name-$version"
   if [[ -x "$out" ]]; then
     ln -sf "$out" "$BIN/$name"
@@ -44,7 +50,12 @@ build() {
     cd "$src"
     printf 'module jobtree.local/testbin/%s\n\ngo 1.24\n\n%s\n' "$name" "$extra" > go.mod
     GOFLAGS=-mod=mod go get "$modver" >&2
-    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg" >&2
+    # flags that depend on the resolved module graph (e.g. helm's Kubernetes version)
+    if declare -F "resolved_ldflags_$name" >/dev/null; then
+      ldflags="$ldflags $("resolved_ldflags_$name")"
+    fi
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" \
+      -o "$out.tmp" "$pkg" >&2
   )
   mv "$out.tmp" "$out"
   ln -sf "$out" "$BIN/$name"
@@ -68,6 +79,55 @@ k8s_ldflags() {
     printf -- '-X %s.gitVersion=%s -X %s.gitMajor=1 -X %s.gitMinor=%s ' "$f" "$K8S_VERSION" "$f" "$f" "$minor"
   done
 }
+
+resolved_ldflags_helm() {
+  # helm's default .Capabilities.KubeVersion (helm template, helm lint) follows the client-go it
+  # is built with, as its own Makefile does; without this it claims Kubernetes v1.20.
+  local client_go major minor
+  client_go=$(GOFLAGS=-mod=mod go list -m -f '{{.Version}}' k8s.io/client-go)
+  client_go=${client_go#v}
+  major=$((${client_go%%.*} + 1))
+  minor=${client_go#*.}; minor=${minor%%.*}
+  local p
+  for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    printf -- '-X %s.k8sVersionMajor=%s -X %s.k8sVersionMinor=%s ' "$p" "$major" "$p" "$minor"
+  done
+}
+
+prometheus_version() {
+  # v0.316.0 -> 3.16.0
+  local rest=${PROMETHEUS_MODULE_VERSION#v0.}
+  local mm=${rest%%.*} patch=${rest#*.}
+  echo "$((mm / 100)).$((mm % 100)).$patch"
+}
+
+build_helm() {
+  link_asset helm || build helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+    helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+}
+
+build_promtool() {
+  local version
+  version=$(prometheus_version)
+  link_asset promtool || build promtool "v$version" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
+    github.com/prometheus/prometheus/cmd/promtool \
+    "-X github.com/prometheus/common/version.Version=$version -X github.com/prometheus/common/version.Branch=release" \
+    "" remove_all_sd  # no service-discovery plugins: `check rules|metrics` need none, builds faster
+}
+
+if [[ $# -gt 0 ]]; then
+  for tool in "$@"; do
+    case "$tool" in
+      helm) build_helm ;;
+      promtool) build_promtool ;;
+      *) echo "testbin: unknown tool '$tool' (on request: helm, promtool)" >&2; exit 2 ;;
+    esac
+  done
+  say "versions: helm $HELM_VERSION, promtool $(prometheus_version); cache $BIN"
+  echo "$BIN"
+  exit 0
+fi
 
 link_asset kube-apiserver || build kube-apiserver "$K8S_VERSION" "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
   k8s.io/kubernetes/cmd/kube-apiserver "$(k8s_ldflags)" "$(staging_replaces)"

@@ -1,0 +1,287 @@
+{{/* The five services, in pipeline order. */}}
+{{- define "gpu-fleet.serviceNames" -}}
+admission packer forecast resolver binder
+{{- end -}}
+
+{{/* Object name prefix: the release name unless overridden. */}}
+{{- define "gpu-fleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if .Values.nameOverride -}}
+{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gpu-fleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels every object carries. */}}
+{{- define "gpu-fleet.labels" -}}
+helm.sh/chart: {{ include "gpu-fleet.chart" . }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ include "gpu-fleet.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: jobtree
+{{- end -}}
+
+{{/* Selector labels of one component: call with (dict "root" $ "component" "binder"). */}}
+{{- define "gpu-fleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "gpu-fleet.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion | toString -}}
+{{- end -}}
+
+{{- define "gpu-fleet.image" -}}
+{{- printf "%s:%s" .Values.image.repository (include "gpu-fleet.imageTag" .) -}}
+{{- end -}}
+
+{{/* ServiceAccount of one service: (dict "root" $ "service" "binder"). */}}
+{{- define "gpu-fleet.serviceAccountName" -}}
+{{- printf "%s-%s" (include "gpu-fleet.fullname" .root) .service -}}
+{{- end -}}
+
+{{- define "gpu-fleet.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "gpu-fleet.fullname" .) -}}
+{{- end -}}
+
+{{- define "gpu-fleet.webhookSecretName" -}}
+{{- printf "%s-webhook-tls" (include "gpu-fleet.fullname" .) -}}
+{{- end -}}
+
+{{- define "gpu-fleet.natsName" -}}
+{{- printf "%s-nats" (include "gpu-fleet.fullname" .) -}}
+{{- end -}}
+
+{{/* Does the cluster (or `helm template --api-versions`) serve the Prometheus Operator API? */}}
+{{- define "gpu-fleet.hasMonitoring" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Render the dashboard ConfigMap? grafana.dashboards.enabled: auto | true | false. */}}
+{{- define "gpu-fleet.dashboardsEnabled" -}}
+{{- $mode := .Values.grafana.dashboards.enabled | toString | lower -}}
+{{- if eq $mode "true" -}}true
+{{- else if and (eq $mode "auto") (include "gpu-fleet.hasMonitoring" .) -}}true
+{{- else if not (has $mode (list "true" "false" "auto")) -}}
+{{- fail (printf "grafana.dashboards.enabled must be auto, true or false, not %q" $mode) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment for the NATS connection. */}}
+{{- define "gpu-fleet.natsEnv" -}}
+{{- $nats := .Values.nats -}}
+{{- if $nats.credentialsSecret.name }}
+- name: JOBTREE_NATS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $nats.credentialsSecret.name }}
+      key: {{ $nats.credentialsSecret.key }}
+{{- else if $nats.bundled }}
+- name: JOBTREE_NATS_URL
+  value: {{ printf "nats://%s.%s.svc:4222" (include "gpu-fleet.natsName" .) .Release.Namespace | quote }}
+{{- else if $nats.url }}
+- name: JOBTREE_NATS_URL
+  value: {{ $nats.url | quote }}
+{{- else }}
+{{- fail "nats.bundled=false needs nats.url or nats.credentialsSecret.name" }}
+{{- end }}
+{{- if $nats.tls.caSecret }}
+- name: SSL_CERT_FILE
+  value: /etc/jobtree/nats-ca/{{ $nats.tls.caKey }}
+{{- end }}
+{{- end -}}
+
+{{/*
+One service container: (dict "root" $ "service" "binder").
+*/}}
+{{- define "gpu-fleet.container" -}}
+{{- $root := .root -}}
+{{- $name := .service -}}
+{{- $svc := index $root.Values.services $name -}}
+- name: {{ $name }}
+  image: {{ include "gpu-fleet.image" $root | quote }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["jobtree-{{ $name }}"]
+  {{- with $svc.args }}
+  args:
+    {{- range . }}
+    - {{ . | toString | quote }}
+    {{- end }}
+  {{- end }}
+  env:
+    {{- include "gpu-fleet.natsEnv" $root | trim | nindent 4 }}
+    - name: JOBTREE_HTTP_HOST
+      value: "0.0.0.0"
+    - name: JOBTREE_HTTP_PORT
+      value: {{ $svc.port | quote }}
+    - name: JOBTREE_LOG_LEVEL
+      value: {{ $root.Values.logLevel | quote }}
+    - name: JOBTREE_LOG_FORMAT
+      value: {{ $root.Values.logFormat | quote }}
+    - name: JOBTREE_GPU_RESOURCE
+      value: {{ $root.Values.gpuResource | quote }}
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    {{- if eq $name "admission" }}
+    {{- if $svc.defaultOwnerGlobs }}
+    - name: JOBTREE_DEFAULT_OWNER_GLOBS
+      value: {{ $svc.defaultOwnerGlobs | quote }}
+    {{- end }}
+    {{- if $root.Values.webhooks.enabled }}
+    - name: JOBTREE_WEBHOOK_PORT
+      value: {{ $root.Values.webhooks.port | quote }}
+    - name: JOBTREE_TLS_CERT
+      value: /etc/jobtree/webhook/tls.crt
+    - name: JOBTREE_TLS_KEY
+      value: /etc/jobtree/webhook/tls.key
+    {{- end }}
+    {{- end }}
+    {{- if eq $name "packer" }}
+    - name: JOBTREE_NODE_GRACE_SECONDS
+      value: {{ $svc.nodeGraceSeconds | quote }}
+    {{- end }}
+    {{- if eq $name "binder" }}
+    - name: JOBTREE_LEADER_ELECT
+      value: {{ $svc.leaderElect | quote }}
+    - name: JOBTREE_LEADER_NAMESPACE
+      value: {{ $root.Release.Namespace | quote }}
+    - name: JOBTREE_HOLD_IMAGE
+      value: {{ $svc.holdImage | quote }}
+    {{- end }}
+    {{- with $root.Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $svc.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - name: m-{{ $name }}
+      containerPort: {{ $svc.port }}
+      protocol: TCP
+    {{- if and (eq $name "admission") $root.Values.webhooks.enabled }}
+    - name: webhook
+      containerPort: {{ $root.Values.webhooks.port }}
+      protocol: TCP
+    {{- end }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: m-{{ $name }}
+    initialDelaySeconds: 10
+    periodSeconds: 20
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: m-{{ $name }}
+    periodSeconds: 5
+  {{- with $svc.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $root.Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    {{- if and (eq $name "admission") $root.Values.webhooks.enabled }}
+    - name: webhook-tls
+      mountPath: /etc/jobtree/webhook
+      readOnly: true
+    {{- end }}
+    {{- if $root.Values.nats.tls.caSecret }}
+    - name: nats-ca
+      mountPath: /etc/jobtree/nats-ca
+      readOnly: true
+    {{- end }}
+    {{- if and (eq $root.Values.mode "combined") $root.Values.controllerManager.tokenPerService }}
+    - name: token-{{ $name }}
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by both modes. */}}
+{{- define "gpu-fleet.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes a pod hosting `services` (a list) needs. */}}
+{{- define "gpu-fleet.volumes" -}}
+{{- $root := .root -}}
+- name: tmp
+  emptyDir: {}
+{{- if and (has "admission" .services) $root.Values.webhooks.enabled }}
+- name: webhook-tls
+  secret:
+    secretName: {{ include "gpu-fleet.webhookSecretName" $root }}
+{{- end }}
+{{- if $root.Values.nats.tls.caSecret }}
+- name: nats-ca
+  secret:
+    secretName: {{ $root.Values.nats.tls.caSecret }}
+{{- end }}
+{{- if and (eq $root.Values.mode "combined") $root.Values.controllerManager.tokenPerService }}
+{{- range .services }}
+- name: token-{{ . }}
+  secret:
+    secretName: {{ include "gpu-fleet.serviceAccountName" (dict "root" $root "service" .) }}-token
+    items:
+      - {key: token, path: token}
+      - {key: ca.crt, path: ca.crt}
+      - {key: namespace, path: namespace}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* nats-server configuration of the bundled StatefulSet. */}}
+{{- define "gpu-fleet.natsConfig" -}}
+server_name: $POD_NAME
+port: 4222
+http_port: 8222
+pid_file: /tmp/nats-server.pid
+max_payload: 4MB
+lame_duck_duration: 30s
+jetstream {
+  store_dir: /data/jetstream
+  max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
+  max_file_store: {{ .Values.nats.jetstream.maxFileStore }}
+}
+{{- end -}}
