@@ -1,0 +1,1 @@
+"""The forecast service: Reservations with computed ETAs, risk marks and timely activation."""

@@ -1,0 +1,1 @@
+"""The resolver service: Reservation activation (cuts + seeded lottery) and node-failure swaps."""

@@ -1,0 +1,469 @@
+"""The resolver over a real nats-server and a real kube-apiserver with KWOK nodes.
+
+The resolver and the REAL binder run in-process; ``ACTIVATE`` and ``NODE_FAILED`` are sent over
+NATS as the forecaster and the packer send them, leases are created with kubectl from
+``shared.kube.translate.lease_manifest``, and every effect is read back from the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from prometheus_client import REGISTRY
+
+from services.binder.service import Binder, BinderOptions
+from services.resolver.service import Resolver, ResolverOptions
+from shared.api import Reservation, parse_object
+from shared.api.lease import label_value
+from shared.bus import (
+    ACTIVATE,
+    NODE_FAILED,
+    ActivateReply,
+    ActivateRequest,
+    NodeFailed,
+    ServiceRuntime,
+)
+from shared.bus.logs import JsonFormatter
+from shared.engine.bindplan import LeaseIntent
+from shared.engine.lottery import Token, lottery_seed, replay, verify
+from shared.engine.model import FundingKind, LeaseReason, Role
+from shared.kube.client import make_client
+from shared.kube.translate import lease_manifest
+from shared.localenv.controlplane import ControlPlane
+from shared.localenv.natsserver import NatsServer
+from shared.localenv.processes import free_port
+
+from .conftest import add_nodes
+
+pytestmark = [pytest.mark.kube, pytest.mark.nats, pytest.mark.asyncio(loop_scope="session")]
+
+GROUP = "rq.davidlangworthy.io"
+LEASES = f"leases.{GROUP}"
+RESERVATIONS = f"reservations.{GROUP}"
+FLAVOR = "H100-80GB"
+REGION = "rs-r"
+LABELS = {"region": REGION, "cluster": "rs-c", "fabric.domain": "rs-f"}
+DOMAIN = {"region": REGION, "cluster": "rs-c", "fabric.domain": "rs-f"}
+SCOPE = f"{FLAVOR}@{REGION}/*/*"
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2) -> Any:
+    """Retry ``check`` (sync, may run kubectl) until it stops raising AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncio.to_thread(check)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(interval)
+
+
+def get_json(kube: ControlPlane, *args: str) -> Any:
+    return json.loads(kube.kubectl("get", *args, "-o", "json").stdout)
+
+
+def apply(kube: ControlPlane, obj: dict[str, Any]) -> None:
+    kube.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+
+def sample(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def owner_budget(name: str, owner: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/v1",
+        "kind": "Budget",
+        "metadata": {"name": name},
+        "spec": {
+            "owner": owner,
+            "envelopes": [
+                {
+                    "name": "main",
+                    "flavor": FLAVOR,
+                    "selector": {"region": REGION},
+                    "concurrency": 64,
+                }
+            ],
+        },
+    }
+
+
+def make_run(
+    kube: ControlPlane, namespace: str, name: str, owner: str, gpus: int, **spec: Any
+) -> dict[str, Any]:
+    body = {
+        "owner": owner,
+        "resources": {"gpuType": FLAVOR, "totalGPUs": gpus},
+        "locality": {"selector": {"region": REGION}, **spec.pop("locality", {})},
+        "runtime": {"maxDuration": "3h", **spec.pop("runtime", {})},
+        **spec,
+    }
+    apply(
+        kube,
+        {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "Run",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": body,
+        },
+    )
+    obj: dict[str, Any] = get_json(kube, f"runs.{GROUP}", "-n", namespace, name)
+    return obj
+
+
+def hold(
+    kube: ControlPlane,
+    run_obj: dict[str, Any],
+    node: str,
+    *,
+    group: int = 0,
+    rank: int = 0,
+    role: Role = Role.ACTIVE,
+    expected_end: datetime | None = None,
+) -> str:
+    """A Lease of 8 GPUs on ``node`` for the Run, created with kubectl; returns its name."""
+    meta, spec = run_obj["metadata"], run_obj["spec"]
+    owner = spec["owner"]
+    tag = "s" if role is Role.SPARE else "r"
+    name = f"{meta['name']}-g{group}-{tag}{max(rank, 0)}"
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    intent = LeaseIntent(
+        name=name,
+        run=(meta["namespace"], meta["name"]),
+        owner=owner,
+        node=node,
+        gpus=8,
+        role=role,
+        group=group,
+        rank=rank if role is not Role.SPARE else -1,
+        envelope=f"{owner.replace(':', '-')}/main",
+        payer_owner=owner,
+        funding=FundingKind.OWNED,
+        start=start,
+        reason=LeaseReason.START,
+        expected_end=expected_end or start + timedelta(hours=3),
+        comp_path=(f"GROUP[{group}]", "SPARE[0]" if role is Role.SPARE else f"RANK[{rank}]"),
+    )
+    apply(kube, lease_manifest(intent, run_uid=meta["uid"], gen=meta.get("generation", 1)))
+    return name
+
+
+def admin_reservation(
+    kube: ControlPlane, namespace: str, name: str, run: str, nodes: list[str]
+) -> dict[str, Any]:
+    """An administrator's Reservation (no status, no forecaster labels) due already."""
+    apply(
+        kube,
+        {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "Reservation",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "runRef": {"name": run},
+                "intendedSlice": {"domain": DOMAIN, "nodes": nodes},
+                "earliestStart": "2025-01-06T09:00:00Z",
+            },
+        },
+    )
+    obj: dict[str, Any] = get_json(kube, RESERVATIONS, "-n", namespace, name)
+    return obj
+
+
+def lease(kube: ControlPlane, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = get_json(kube, LEASES, name)
+    return obj
+
+
+def open_leases_of(kube: ControlPlane, namespace: str, run: str) -> list[dict[str, Any]]:
+    selector = f"{GROUP}/run={label_value(run)},{GROUP}/namespace={label_value(namespace)}"
+    items = get_json(kube, LEASES, "-l", selector)["items"]
+    return [x for x in items if not (x.get("status") or {}).get("closed")]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def fleet(crds: ControlPlane, namespace: str) -> list[str]:
+    """Six 8-GPU KWOK nodes in their own region and budgets for three owners."""
+    names = add_nodes(crds, "rs", 6, **LABELS, **{"gpu.flavor": FLAVOR})
+    for owner in ("org:rstest:big", "org:rstest:lab", "org:rstest:ops"):
+        apply(crds, owner_budget(owner.replace(":", "-"), owner))
+    # No admission service may act on this module's Runs: the namespace speaks for nobody.
+    crds.kubectl("annotate", "--overwrite", "namespace", namespace, f"{GROUP}/owners=nobody")
+    return names
+
+
+@pytest_asyncio.fixture(scope="module")
+async def services(
+    crds: ControlPlane, nats_server: NatsServer, fleet: list[str], namespace: str
+) -> AsyncIterator[Resolver]:
+    """The real binder and the resolver, in-process."""
+    api = await make_client(str(crds.kubeconfig))
+    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, BinderOptions())
+    resolver = Resolver(
+        ServiceRuntime("resolver", nats_url=nats_server.url),
+        api,
+        ResolverOptions(namespace=namespace),
+    )
+    await asyncio.wait_for(binder.start(), 60)
+    await asyncio.wait_for(resolver.start(), 60)
+    try:
+        yield resolver
+    finally:
+        await resolver.stop()
+        await binder.stop()
+        await api.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def client(nats_server: NatsServer, services: Resolver) -> AsyncIterator[ServiceRuntime]:
+    runtime = ServiceRuntime("resolver-test-client", nats_url=nats_server.url)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def activate(client: ServiceRuntime, resv: dict[str, Any], at: datetime) -> ActivateReply:
+    meta = resv["metadata"]
+    req = ActivateRequest(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], at=at)
+    return await client.request(ACTIVATE, req, timeout=60)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_activation_binds_when_the_run_fits_on_its_slice(
+    crds: ControlPlane, namespace: str, client: ServiceRuntime
+) -> None:
+    make_run(crds, namespace, "fits", "org:rstest:ops", 8)
+    resv = admin_reservation(crds, namespace, "fits-resv", "fits", ["rs-04"])
+    reply = await activate(client, resv, datetime.now(UTC).replace(microsecond=0))
+    assert reply.released and reply.seed is None, reply
+
+    def released() -> dict[str, Any]:
+        obj: dict[str, Any] = get_json(crds, RESERVATIONS, "-n", namespace, "fits-resv")
+        status = obj.get("status") or {}
+        assert status.get("state") == "Released", status
+        return obj
+
+    obj = await eventually(released)
+    assert obj["status"]["reason"] == "Bound" and obj["status"]["releasedAt"]
+    assert "audit" not in obj["status"]
+    (held,) = await eventually(lambda: _one(open_leases_of(crds, namespace, "fits")))
+    assert held["spec"]["slice"]["nodes"] == ["rs-04"]
+    pod = get_json(crds, "pods", "-n", namespace, "fits-g0-r0")
+    assert pod["spec"]["nodeName"] == "rs-04"
+    # Idempotent: a re-sent ACTIVATE answers from the Reservation and commits nothing new.
+    again = await activate(client, resv, datetime.now(UTC))
+    assert again.released and again.message == "already released"
+    assert len(open_leases_of(crds, namespace, "fits")) == 1
+
+
+def _one(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    assert len(items) == 1, [x["metadata"]["name"] for x in items]
+    return items
+
+
+async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit(
+    crds: ControlPlane,
+    namespace: str,
+    client: ServiceRuntime,
+    services: Resolver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    elastic = make_run(
+        crds,
+        namespace,
+        "elastic",
+        "org:rstest:lab",
+        16,
+        locality={"groupGPUs": 8},
+        malleable={"minTotalGPUs": 8, "maxTotalGPUs": 16, "stepGPUs": 8},
+    )
+    fixed = make_run(crds, namespace, "fixed", "org:rstest:ops", 8)
+    shrunk = hold(crds, elastic, "rs-01", group=0, rank=0)
+    kept = hold(crds, elastic, "rs-03", group=1, rank=1)
+    drawn = hold(crds, fixed, "rs-02")
+    make_run(crds, namespace, "big", "org:rstest:big", 16, locality={"groupGPUs": 8})
+    resv = admin_reservation(crds, namespace, "big-resv", "big", ["rs-01", "rs-02"])
+    await cached(services, shrunk, kept, drawn)
+    draws_before = sample("jobtree_lottery_draws_total")
+    at = datetime.now(UTC).replace(microsecond=0)
+    caplog.set_level(logging.INFO, logger="services.resolver.service")
+
+    reply = await activate(client, resv, at)
+
+    seed = lottery_seed(SCOPE, resv["metadata"]["uid"], at)
+    assert reply.released and reply.seed == seed, reply
+    assert lease(crds, shrunk)["status"]["closureReason"] == "Shrink"
+    assert lease(crds, drawn)["status"]["closureReason"] == f"RandomPreempt({seed})"
+    assert not (lease(crds, kept).get("status") or {}).get("closed")
+    nodes = await eventually(lambda: _nodes(open_leases_of(crds, namespace, "big"), 2))
+    assert nodes == {"rs-01", "rs-02"}
+    # The audit: seed, conflict set, draws and ended leases, enough to replay the draw.
+    obj = get_json(crds, RESERVATIONS, "-n", namespace, "big-resv")
+    resv_model = parse_object(obj)
+    assert isinstance(resv_model, Reservation) and resv_model.status is not None
+    assert resv_model.status.state is not None and resv_model.status.state.value == "Released"
+    audit = resv_model.status.audit
+    assert audit is not None and audit.seed == seed
+    assert audit.conflict_set == [f"{namespace}/fixed"]
+    assert [(d.step, d.run) for d in audit.draws or []] == [(0, f"{namespace}/fixed")]
+    assert set(audit.ended_leases or []) == {shrunk, drawn}
+    tokens = [
+        Token(
+            t.owner,
+            (t.run.split("/")[0], t.run.split("/")[1]),
+            t.group,
+            t.gpus,
+            tuple(t.leases or ()),
+            t.width,
+            t.run_slack,
+        )
+        for t in audit.tokens or []
+    ]
+    replayed = replay(seed, tokens, audit.deficit_gpus or 0)
+    assert [(d.step, d.token.run) for d in replayed] == [(0, (namespace, "fixed"))]
+    assert verify(seed, tokens, audit.deficit_gpus or 0, replayed)
+    # One grep-able JSON log line with RandomPreempt(<seed>), the seed and the conflict set.
+    lines = [r for r in caplog.records if "RandomPreempt(" in r.getMessage()]
+    assert len(lines) == 1
+    doc = json.loads(JsonFormatter("resolver").format(lines[0]))
+    assert f"lottery=RandomPreempt({seed})" in doc["msg"]
+    assert doc["seed"] == seed and doc["conflictSet"] == [f"{namespace}/fixed"]
+    assert sample("jobtree_lottery_draws_total") == draws_before + 1
+    assert sample("jobtree_resolver_actions_total", kind="Shrink") >= 1
+    assert sample("jobtree_preemptions_total", scope=SCOPE, reason="RandomPreempt") >= 1
+    # The binder applied it but the answer was lost: the Reservation is still Active when the
+    # forecaster retries; the retry finds the Run bound and keeps the published audit.
+    crds.kubectl(
+        "patch", RESERVATIONS, "big-resv", "-n", namespace, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": {"state": "Active"}}),
+    )  # fmt: skip
+    retry = await activate(client, resv, at)
+    assert retry.released and "already holds leases" in retry.message
+    after = get_json(crds, RESERVATIONS, "-n", namespace, "big-resv")["status"]
+    assert after["state"] == "Released" and after["reason"] == "AlreadyRunning"
+    assert after["audit"]["seed"] == seed and after["audit"]["draws"]
+
+
+async def cached(resolver: Resolver, *leases: str) -> None:
+    """Until the resolver's watch cache shows the leases the test created with kubectl."""
+    deadline = time.monotonic() + 20
+    while not all(resolver.cache.lease(name) is not None for name in leases):
+        assert time.monotonic() < deadline, f"leases {leases} never reached the cache"
+        await asyncio.sleep(0.1)
+
+
+def _nodes(items: list[dict[str, Any]], count: int) -> set[str]:
+    assert len(items) == count, [x["metadata"]["name"] for x in items]
+    return {x["spec"]["slice"]["nodes"][0] for x in items}
+
+
+async def test_node_failure_swaps_the_rank_onto_its_spare(
+    crds: ControlPlane, namespace: str, client: ServiceRuntime, services: Resolver
+) -> None:
+    train = make_run(
+        crds, namespace, "train", "org:rstest:ops", 8, locality={"groupGPUs": 8}, sparesPerGroup=8
+    )
+    active = hold(crds, train, "rs-05")
+    spare = hold(crds, train, "rs-06", role=Role.SPARE)
+    await cached(services, active, spare)
+    await client.publish(NODE_FAILED, NodeFailed(node="rs-05", at=datetime.now(UTC), reason="test"))
+
+    def swapped() -> dict[str, Any]:
+        items = open_leases_of(crds, namespace, "train")
+        assert len(items) == 1, [x["metadata"]["name"] for x in items]
+        return items[0]
+
+    new = await eventually(swapped)
+    assert new["spec"]["slice"]["nodes"] == ["rs-06"]
+    assert (new["spec"]["slice"]["role"], new["spec"]["reason"]) == ("Active", "Swap")
+    assert lease(crds, active)["status"]["closureReason"] == "NodeFailure"
+    assert lease(crds, spare)["status"]["closureReason"] == "Swap"
+    pod = await eventually(lambda: get_json(crds, "pods", "-n", namespace, "train-g0-r0"))
+    assert pod["spec"]["nodeName"] == "rs-06"
+    assert sample("jobtree_resolver_actions_total", kind="Swap") >= 1
+
+
+@pytest.mark.parametrize(
+    ("service", "metric"),
+    [
+        ("resolver", "jobtree_lottery_draws_total"),
+        ("forecast", "jobtree_reservations_backlog_seconds"),
+    ],
+)
+async def test_service_process_serves_probes_and_exits_cleanly_on_sigterm(
+    crds: ControlPlane, nats_server: NatsServer, tmp_path: Path, service: str, metric: str
+) -> None:
+    port = free_port()
+    log = tmp_path / f"{service}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"services.{service}",
+                f"--nats-url={nats_server.url}",
+                f"--kubeconfig={crds.kubeconfig}",
+                f"--http-port={port}",
+                "--namespace=t-process-only",  # act on nothing of the other tests
+                "--log-format=json",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+
+        def ready() -> None:
+            assert proc.poll() is None, log.read_text()
+            assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+
+        await eventually(ready, timeout=30)
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and metric in body
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert any(line["msg"] == f"{service} serving" for line in lines)
+    assert any(line["msg"] == f"{service} stopped" for line in lines)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET (an HTTP error is an answer too); (0, "") when unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode()
+    except OSError:
+        return 0, ""
