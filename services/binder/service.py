@@ -332,8 +332,8 @@ class Binder:
             extra={
                 "key": req.key,
                 "run": f"{req.run.namespace}/{req.run.name}",
-                "created": [i.name for i in plan.creates],
-                "ended": [le.name for le, _ in plan.ends],
+                "created_leases": [i.name for i in plan.creates],
+                "ended_leases": [le.name for le, _ in plan.ends],
             },
         )
         return CommitReply(
