@@ -486,6 +486,10 @@ def next_step(
     if run is None:
         waiting = view.state in (None, ReservationState.PENDING)
         return Step.WAIT_FOR_RUN if waiting else Step.NOTHING
+    if view.state is None and view.managed:
+        # The forecaster's own RESERVE writes the first status right after creating the object;
+        # the watch cache may not show it yet, and initialising would overwrite that forecast.
+        return Step.NOTHING
     if view.state is None or view.run_uid is None:
         return Step.INITIALISE
     if view.state is ReservationState.ACTIVE:

@@ -284,6 +284,14 @@ def test_administrator_reservations_wait_for_their_run_then_initialise() -> None
     assert meta["annotations"] == {"rq.davidlangworthy.io/run-generation": "1"}
 
 
+def test_a_reservation_the_forecaster_just_created_is_never_initialised_over() -> None:
+    # RESERVE writes the first status itself; the timer may see the object before that status.
+    fresh = view_of(None)
+    assert fresh.managed and fresh.state is None
+    run = RunFacts(uid=REF.uid, generation=REF.generation)
+    assert next_step(fresh, run, T0, retry_after=timedelta(1)) is Step.NOTHING
+
+
 def test_at_risk_marks_follow_pending_reservations() -> None:
     def resv(name: str, odds: dict[str, float], state: str = "Pending") -> Any:
         status = {
