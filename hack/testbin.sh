@@ -4,8 +4,9 @@
 # kubectl found there are used as they are); anything missing is built once from the Go module
 # proxy into a cache outside the repo and reused. Prints the directory holding all four binaries.
 #
-# Deployment tooling is built only on request, by name: `bash hack/testbin.sh helm promtool`
-# builds (or reuses) just those and prints the same directory as its last line.
+# Deployment and observability tooling is built only on request, by name:
+# `bash hack/testbin.sh helm promtool jaeger` builds (or reuses) just those and prints the same
+# directory as its last line.
 set -euo pipefail
 
 K8S_VERSION=${JOBTREE_K8S_VERSION:-v1.34.4}
@@ -14,6 +15,8 @@ KWOK_VERSION=${JOBTREE_KWOK_VERSION:-v0.7.0}
 HELM_VERSION=${JOBTREE_HELM_VERSION:-v3.22.0}
 # Prometheus publishes its Go module as v0.<major><minor>.<patch>: v0.316.0 is Prometheus 3.16.0.
 PROMETHEUS_MODULE_VERSION=${JOBTREE_PROMETHEUS_MODULE_VERSION:-v0.316.0}
+# Jaeger's Go module keeps v1 tags; v1.76.0 is the Jaeger v2 binary (OTel collector based).
+JAEGER_VERSION=${JOBTREE_JAEGER_VERSION:-v1.76.0}
 CACHE=${JOBTREE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jobtree}
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -116,15 +119,26 @@ build_promtool() {
     "" remove_all_sd  # no service-discovery plugins: `check rules|metrics` need none, builds faster
 }
 
+build_jaeger() {
+  # all-in-one: OTLP receivers, in-memory storage, query API/UI. Jaeger's own go.mod pins sarama
+  # with a replace, which a consumer must repeat. No `ui` tag: the query API needs no UI assets.
+  link_asset jaeger || build jaeger "$JAEGER_VERSION" \
+    "github.com/jaegertracing/jaeger/cmd/jaeger@$JAEGER_VERSION" \
+    github.com/jaegertracing/jaeger/cmd/jaeger \
+    "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=$JAEGER_VERSION" \
+    "replace github.com/Shopify/sarama => github.com/Shopify/sarama v1.33.0"
+}
+
 if [[ $# -gt 0 ]]; then
   for tool in "$@"; do
     case "$tool" in
       helm) build_helm ;;
       promtool) build_promtool ;;
-      *) echo "testbin: unknown tool '$tool' (on request: helm, promtool)" >&2; exit 2 ;;
+      jaeger) build_jaeger ;;
+      *) echo "testbin: unknown tool '$tool' (on request: helm, promtool, jaeger)" >&2; exit 2 ;;
     esac
   done
-  say "versions: helm $HELM_VERSION, promtool $(prometheus_version); cache $BIN"
+  say "versions: helm $HELM_VERSION, promtool $(prometheus_version), jaeger $JAEGER_VERSION; cache $BIN"
   echo "$BIN"
   exit 0
 fi

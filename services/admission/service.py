@@ -43,6 +43,7 @@ from shared.bus import (
     RunRef,
     ServiceRuntime,
 )
+from shared.bus.tracing import run_decision
 from shared.control import run_status as rs
 from shared.control.budget_status import budget_status, envelope_figures, material
 from shared.control.dependencies import check_after
@@ -257,14 +258,16 @@ class AdmissionService:
             keys.append((str(meta.get("namespace")), str(meta.get("name"))))
         return keys
 
-    def _enqueue_waiting(self, namespace: str | None = None) -> None:
-        """Queue Runs that may be able to start now (not started, no Reservation)."""
+    def _enqueue_waiting(self, namespace: str | None = None, *, growing: bool = False) -> None:
+        """Queue Runs that may be able to start now (not started, no Reservation), and with
+        ``growing`` also running Runs below their desired width (capacity or money freed)."""
         for obj in self.cache.objects("runs").values():
             meta = _meta(obj)
             if namespace is not None and meta.get("namespace") != namespace:
                 continue
-            phase = (obj.get("status") or {}).get("phase") or ""
-            if phase in ("", rs.PENDING):
+            status = obj.get("status") or {}
+            phase = status.get("phase") or ""
+            if phase in ("", rs.PENDING) or (growing and rs.may_grow(status)):
                 self.queue.add((str(meta.get("namespace")), str(meta.get("name"))))
 
     def _on_run(self, event: EventType, obj: Obj, old: Obj | None) -> None:
@@ -297,7 +300,7 @@ class AdmissionService:
             self._dirty_budgets.add(str(spec["paidByBudget"]))
         closed = (obj.get("status") or {}).get("closed")
         if closed and not ((old or {}).get("status") or {}).get("closed"):
-            self._enqueue_waiting()
+            self._enqueue_waiting(growing=True)
 
     def _on_reservation(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         with contextlib.suppress(TranslateError, KeyError):
@@ -306,7 +309,7 @@ class AdmissionService:
     def _on_budget(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         self._dirty_budgets.add(str(_meta(obj).get("name")))
         if old is None or _meta(old).get("generation") != _meta(obj).get("generation"):
-            self._enqueue_waiting()  # a spec change may fund a waiting Run
+            self._enqueue_waiting(growing=True)  # a spec change may fund a waiting Run
 
     def _on_namespace(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         before = _meta(old or {}).get("annotations") or {}
@@ -320,7 +323,7 @@ class AdmissionService:
         if budget:
             self._dirty_budgets.add(budget)
         if event.kind == "closed" and self._cache is not None:
-            self._enqueue_waiting()
+            self._enqueue_waiting(growing=True)
 
     async def _on_run_changed(self, event: RunChanged) -> None:
         self.queue.add((event.namespace, event.name))
@@ -412,7 +415,8 @@ class AdmissionService:
             await self._elastic(key, facts, verdict)
         else:
             metrics.RECONCILES.labels("start").inc()
-            await self._start(key, obj, facts)
+            with run_decision(key[0], key[1], uid):  # the root span of the Run's trace
+                await self._start(key, obj, facts)
 
     # ------------------------------------------------------------------ facts
 

@@ -13,6 +13,7 @@ import sys
 
 from services.binder.service import BinderOptions, serve
 from shared.bus import ServiceConfig, configure_logging, service_args
+from shared.bus.tracing import configure_tracing
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube.translate import HOLD_IMAGE
 
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
 def main(argv: list[str] | None = None) -> None:
     cfg, options = parse_args(argv)
     configure_logging(cfg.log_level, cfg.log_format, service="binder")
+    configure_tracing("jobtree-binder", cfg.otlp_endpoint)
     sys.exit(asyncio.run(serve(cfg, options)))
 
 

@@ -8,11 +8,13 @@ import sys
 from services.forecast.config import parse_args
 from services.forecast.service import serve
 from shared.bus import configure_logging
+from shared.bus.tracing import configure_tracing
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, options = parse_args(argv)
     configure_logging(cfg.log_level, cfg.log_format, service="forecast")
+    configure_tracing("jobtree-forecast", cfg.otlp_endpoint)
     sys.exit(asyncio.run(serve(cfg, options)))
 
 

@@ -114,6 +114,8 @@ class LocalStack:
     log_level: str = "INFO"
     progress: Progress = _quiet
     bin_dir: Path | None = None
+    otlp_endpoint: str | None = None
+    """Services export traces here (``$OTEL_EXPORTER_OTLP_ENDPOINT``); None: as the environment."""
     nats: NatsServer | None = None
     plane: ControlPlane | None = None
     _services: ServiceSet | None = None
@@ -227,6 +229,7 @@ class LocalStack:
             nats_url=self.nats.url,
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint} if self.otlp_endpoint else None,
         )
         say(f"starting the services: {', '.join(self._services.names)}")
         self._services.start()
@@ -409,6 +412,7 @@ def start_stack(
     log_level: str = "INFO",
     ready_timeout: float = 120.0,
     progress: Progress = _quiet,
+    otlp_endpoint: str | None = None,
 ) -> LocalStack:
     """Bring up a whole local Jobtree in ``workdir`` and return it ready (services /readyz)."""
     stack = LocalStack(
@@ -417,6 +421,7 @@ def start_stack(
         gpus_per_node=gpus_per_node,
         log_level=log_level,
         progress=progress,
+        otlp_endpoint=otlp_endpoint,
     )
     try:
         stack.up(ready_timeout)

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from services.packer.service import PackerOptions, serve
 from shared.bus import ServiceConfig, configure_logging, service_args
+from shared.bus.tracing import configure_tracing
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 
 
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, PackerOpti
 def main(argv: list[str] | None = None) -> None:
     cfg, options = parse_args(argv)
     configure_logging(cfg.log_level, cfg.log_format, service="packer")
+    configure_tracing("jobtree-packer", cfg.otlp_endpoint)
     sys.exit(asyncio.run(serve(cfg, options)))
 
 

@@ -9,6 +9,7 @@ import sys
 from services.forecast.config import engine_flags, engine_settings, env
 from services.resolver.service import ResolverOptions, serve
 from shared.bus import ServiceConfig, configure_logging, service_args
+from shared.bus.tracing import configure_tracing
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOptions]:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOp
 def main(argv: list[str] | None = None) -> None:
     cfg, options = parse_args(argv)
     configure_logging(cfg.log_level, cfg.log_format, service="resolver")
+    configure_tracing("jobtree-resolver", cfg.otlp_endpoint)
     sys.exit(asyncio.run(serve(cfg, options)))
 
 

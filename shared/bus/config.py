@@ -26,6 +26,8 @@ class ServiceConfig:
     """``0`` picks an ephemeral port (local runs); in-cluster the chart sets a fixed one."""
     log_level: str
     log_format: Literal["json", "text"]
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP base URL traces are exported to (e.g. ``http://jaeger:4318``); None = off."""
 
 
 def _port(text: str) -> int:
@@ -73,6 +75,12 @@ def service_args(name: str, argv: list[str] | None = None) -> ServiceConfig:
         default=env.get("JOBTREE_LOG_FORMAT", "json"),
         help="one JSON object per line, or human text ($JOBTREE_LOG_FORMAT; default %(default)s)",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        help="OTLP/HTTP endpoint traces are sent to, e.g. http://jaeger:4318 "
+        "($OTEL_EXPORTER_OTLP_ENDPOINT; default: tracing off)",
+    )
     ns = parser.parse_args(argv)
     fmt: Literal["json", "text"] = "text" if ns.log_format == "text" else "json"
     return ServiceConfig(
@@ -83,4 +91,5 @@ def service_args(name: str, argv: list[str] | None = None) -> ServiceConfig:
         http_port=ns.http_port,
         log_level=ns.log_level,
         log_format=fmt,
+        otlp_endpoint=ns.otlp_endpoint or None,
     )

@@ -17,6 +17,9 @@ error reply, and handler exceptions become error replies — a bad message never
 
 Handlers run one at a time per endpoint or subscription in a process (NATS delivers a
 subscription's messages in order); throughput scales with replicas, which share the load.
+
+Every send carries the caller's trace context in the NATS headers (W3C ``traceparent``) and every
+handler runs in a SERVER/CONSUMER span that continues it — see ``shared/bus/tracing.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import nats.js.errors
 from nats.js import api as js_api
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, ServiceError
+from opentelemetry.trace import TracerProvider
 
+from shared.bus import tracing
 from shared.bus.config import ServiceConfig
 from shared.bus.health import HealthServer
 from shared.bus.messages import DeadLetter, decode, encode
@@ -129,6 +134,7 @@ class ServiceRuntime:
         version: str = "0.1.0",
         http_host: str = "127.0.0.1",
         http_port: int = 0,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if not _NAME.fullmatch(name):
             raise ValueError(f"service name {name!r} must match {_NAME.pattern}")
@@ -150,6 +156,8 @@ class ServiceRuntime:
         self._pullers: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self._stopped = asyncio.Event()
+        # the global provider's tracer: a no-op until configure_tracing() installs one
+        self._tracer = tracing.tracer(tracer_provider)
 
     @classmethod
     def from_config(cls, cfg: ServiceConfig, *, version: str = "0.1.0") -> ServiceRuntime:
@@ -359,10 +367,15 @@ class ServiceRuntime:
 
         async def serve(req: Any) -> None:
             started = time.perf_counter()
-            try:
-                error = await self._serve_one(subject, reply_type, handler, req)
-            finally:
-                HANDLER_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            with tracing.receiving(
+                self._tracer, subject.name, service=self.name, headers=req.headers, request=True
+            ) as span:
+                try:
+                    error = await self._serve_one(subject, reply_type, handler, req)
+                finally:
+                    HANDLER_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                if error is not None:
+                    tracing.mark_failed(span, f"{error.code} {error.description}")
             if error is not None:
                 if req._msg.reply:
                     raise error  # nats.micro answers it and counts it in $SRV.STATS
@@ -443,7 +456,7 @@ class ServiceRuntime:
         queue: str | None,
     ) -> None:
         async def on_msg(msg: Any) -> None:
-            await self._consume(subject, msg.subject, msg.data, handler)
+            await self._consume(subject, msg.subject, msg.data, handler, msg.headers)
 
         self._subs.append(await self.nc.subscribe(subject.name, queue=queue or "", cb=on_msg))
 
@@ -486,7 +499,7 @@ class ServiceRuntime:
     async def _consume_durable(
         self, subject: Subject[Req, None], handler: Callable[[Req], Awaitable[None]], msg: Any
     ) -> None:
-        outcome = await self._consume(subject, msg.subject, msg.data, handler)
+        outcome = await self._consume(subject, msg.subject, msg.data, handler, msg.headers)
         try:
             if outcome != "failed":
                 await msg.ack()  # handled, or dead-lettered: either way done with it
@@ -508,8 +521,29 @@ class ServiceRuntime:
         actual: str,
         data: bytes,
         handler: Callable[[Req], Awaitable[None]],
+        headers: dict[str, str] | None = None,
     ) -> str:
         """Decode and handle one event; returns ``ok``, ``malformed`` or ``failed``."""
+        with tracing.receiving(
+            self._tracer,
+            subject.name,
+            service=self.name,
+            headers=headers,
+            request=False,
+            destination=actual,
+        ) as span:
+            outcome = await self._consume_one(subject, actual, data, handler)
+            if outcome != "ok":
+                tracing.mark_failed(span, outcome)
+            return outcome
+
+    async def _consume_one(
+        self,
+        subject: Subject[Req, None],
+        actual: str,
+        data: bytes,
+        handler: Callable[[Req], Awaitable[None]],
+    ) -> str:
         labels = (self.name, subject.name)
         started = time.perf_counter()
         try:
@@ -564,22 +598,25 @@ class ServiceRuntime:
             raise ValueError(f"{subject.name} is an event: use publish()")
         if not isinstance(msg, subject.request):
             raise TypeError(f"{subject.name} takes {subject.request.__name__}, not {type(msg)}")
-        try:
-            resp = await self.nc.request(
-                subject.name, encode(msg), timeout=timeout, headers=headers
-            )
-        except nats.errors.NoRespondersError:
-            raise BusError(subject.name, "503", "no responders") from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            raise BusError(subject.name, "408", f"no reply within {timeout}s") from None
-        reply_headers: dict[str, str] = resp.headers or {}
-        if ERROR_HEADER in reply_headers:
-            code = reply_headers.get(ERROR_CODE_HEADER, "500")
-            raise BusError(subject.name, code, reply_headers[ERROR_HEADER])
-        try:
-            return decode(resp.data, reply_type)
-        except msgspec.DecodeError as exc:
-            raise BusError(subject.name, "502", f"malformed reply: {exc}") from None
+        with tracing.sending(
+            self._tracer, subject.name, service=self.name, headers=headers, request=True
+        ) as hdrs:
+            try:
+                resp = await self.nc.request(
+                    subject.name, encode(msg), timeout=timeout, headers=hdrs or None
+                )
+            except nats.errors.NoRespondersError:
+                raise BusError(subject.name, "503", "no responders") from None
+            except (TimeoutError, nats.errors.TimeoutError):
+                raise BusError(subject.name, "408", f"no reply within {timeout}s") from None
+            reply_headers: dict[str, str] = resp.headers or {}
+            if ERROR_HEADER in reply_headers:
+                code = reply_headers.get(ERROR_CODE_HEADER, "500")
+                raise BusError(subject.name, code, reply_headers[ERROR_HEADER])
+            try:
+                return decode(resp.data, reply_type)
+            except msgspec.DecodeError as exc:
+                raise BusError(subject.name, "502", f"malformed reply: {exc}") from None
 
     async def publish(
         self,
@@ -601,20 +638,24 @@ class ServiceRuntime:
             raise ValueError(f"cannot publish to wildcard subject {subject.name}")
         if not isinstance(msg, subject.request):
             raise TypeError(f"{subject.name} takes {subject.request.__name__}, not {type(msg)}")
-        hdrs = dict(headers or {})
-        if msg_id is not None:
-            hdrs["Nats-Msg-Id"] = msg_id
         data = encode(msg)
-        if subject.durable:
-            try:
-                await self._js.publish(
-                    subject.name,
-                    data,
-                    timeout=timeout,
-                    stream=stream_of(subject).name,
-                    headers=hdrs or None,
-                )
-            except (TimeoutError, nats.errors.Error) as exc:
-                raise BusError(subject.name, "503", f"JetStream publish failed: {exc}") from None
-        else:
-            await self.nc.publish(subject.name, data, headers=hdrs or None)
+        with tracing.sending(
+            self._tracer, subject.name, service=self.name, headers=headers, request=False
+        ) as hdrs:
+            if msg_id is not None:
+                hdrs["Nats-Msg-Id"] = msg_id
+            if subject.durable:
+                try:
+                    await self._js.publish(
+                        subject.name,
+                        data,
+                        timeout=timeout,
+                        stream=stream_of(subject).name,
+                        headers=hdrs or None,
+                    )
+                except (TimeoutError, nats.errors.Error) as exc:
+                    raise BusError(
+                        subject.name, "503", f"JetStream publish failed: {exc}"
+                    ) from None
+            else:
+                await self.nc.publish(subject.name, data, headers=hdrs or None)

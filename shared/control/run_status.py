@@ -482,6 +482,17 @@ def elastic_step(request: RunRequest, open_leases: Sequence[Lease]) -> tuple[boo
     return width < desired, ()
 
 
+def may_grow(status: Mapping[str, Any] | None) -> bool:
+    """Whether a Run's status says it runs below its desired width: such a Run may grow when
+    capacity or money frees, so admission looks at it again then, not only on the resync."""
+    status = status or {}
+    width = status.get("width")
+    if status.get("phase") != RUNNING or not isinstance(width, Mapping):
+        return False
+    allocated, desired = width.get("allocated"), width.get("desired")
+    return isinstance(allocated, int) and isinstance(desired, int) and allocated < desired
+
+
 def assess(facts: Facts) -> Assessment:
     """Apply the rules of this module, in order, to one Run (see the module docstring)."""
     phase, request, now = facts.phase, facts.request, facts.now

@@ -428,3 +428,15 @@ def test_bound_status_funds_the_plan_even_when_it_starts_after_now() -> None:
     assert status["phase"] == "Running"
     assert status["width"]["allocated"] == 16
     assert status["funding"]["ownedGPUs"] == 16
+
+
+def test_may_grow_only_running_runs_below_desired() -> None:
+    """Admission re-examines these when capacity frees (not only on the periodic resync)."""
+    width = {"min": 32, "max": 128, "desired": 128, "pending": 64}
+    assert rs.may_grow({"phase": "Running", "width": {**width, "allocated": 64}})
+    assert not rs.may_grow({"phase": "Running", "width": {**width, "allocated": 128}})
+    assert not rs.may_grow({"phase": "Running", "width": {**width, "desired": 64, "allocated": 96}})
+    assert not rs.may_grow({"phase": "Pending", "width": {**width, "allocated": 0}})
+    assert not rs.may_grow({"phase": "Completed", "width": {**width, "allocated": 0}})
+    assert not rs.may_grow({"phase": "Running"})
+    assert not rs.may_grow(None)
