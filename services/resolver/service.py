@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -83,6 +84,9 @@ class ResolverOptions:
     conflict_retries: int = 3
     """Binder rejections retried with a fresh snapshot before giving up for now."""
     retry_delay: float = 0.5
+    settle_seconds: float = 10.0
+    """At activation, how long to wait for leases past their walltime to be ended by the binder
+    (``TimeLimit``) before deciding without them (then they may be cut like any other)."""
     gpu_resource: str = DEFAULT_GPU_RESOURCE
     namespace: str | None = None
     """Only Runs and Reservations of this namespace (None: every namespace)."""
@@ -236,6 +240,25 @@ class Resolver:
                 attempt=restarts_of(run_obj),
                 restarts_used=self._restarts(),
             )
+            settle_until = time.monotonic() + self.options.settle_seconds
+            if act.outcome is Outcome.WAIT:
+                log.info("activation waits: %s", act.message, extra={"reservation": key})
+            while act.outcome is Outcome.WAIT:
+                # Leases past their walltime hold the room: the binder is ending them.
+                settle = time.monotonic() < settle_until
+                if settle:
+                    await asyncio.sleep(self.options.retry_delay)
+                now = utcnow()
+                state, version = self.snapshot(now)
+                act = decide(
+                    request,
+                    state,
+                    target,
+                    generation=ref.generation,
+                    attempt=restarts_of(run_obj),
+                    restarts_used=self._restarts(),
+                    settle=settle,
+                )
             if act.outcome is Outcome.BLOCKED:
                 return await self._block(view, act, act.reason, act.message, req.at)
             if act.outcome is Outcome.ALREADY_RUNNING:

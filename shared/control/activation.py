@@ -18,6 +18,13 @@ Activation (SPEC §3 *Activation and resolver*):
    When packing still fails after the cuts (fragmentation), the deficit grows by a group and the
    resolution is recomputed: with the same seed a larger deficit only extends the cuts.
 4. If no cut clears the way the Reservation is ``Blocked`` with the typed reason.
+
+Leases in scope already past their walltime (``expected_end`` at or before now) are the binder's
+to end with ``TimeLimit``: they are what a ``walltime`` ETA counted on. While any is still open
+and the Run does not fit, the decision is ``Wait`` (decide again shortly) instead of cutting them
+or the Runs around them. The forecaster activates at ``earliestStart``, the very instant the
+binder's walltime check ends those leases, and whichever acts first must not change the outcome.
+``settle=False`` (the caller waited long enough) decides without waiting.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ class Outcome(StrEnum):
     """No cut in scope makes the Run fit."""
     ALREADY_RUNNING = "AlreadyRunning"
     """The Run already holds working leases: release the Reservation without binding."""
+    WAIT = "Wait"
+    """Leases past their walltime hold the room: decide again once the binder ended them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +180,18 @@ def capacity_deficit(request: RunRequest, state: ClusterState, scope: Scope) -> 
     return max(min_demand(request) - free_in(state, scope), 1)
 
 
+def overdue(state: ClusterState, scope: Scope) -> tuple[Lease, ...]:
+    """Open leases on scope nodes whose walltime is over: the binder ends them (``TimeLimit``)."""
+    nodes = scope.nodes or frozenset()
+    return tuple(
+        lease
+        for lease in state.open_leases
+        if lease.node in nodes
+        and lease.expected_end is not None
+        and lease.expected_end <= state.now
+    )
+
+
 def _attempt(request: RunRequest, state: ClusterState, target: Target) -> Start | Blocked:
     """Cover + pack with the own claim exempt: the slice first, then (unless strict) anywhere."""
     if target.nodes:
@@ -208,6 +229,7 @@ def decide(
     generation: int = 0,
     attempt: int = 0,
     restarts_used: Mapping[RunKey, int] | None = None,
+    settle: bool = True,
 ) -> Activation:
     """What activating ``target`` for ``request`` commits (see the module docstring)."""
     scope = activation_scope(request, state, target)
@@ -228,6 +250,16 @@ def decide(
             "Bound",
             f"fits now: {first.width} GPUs bound without cuts",
             intent=_intent(request, first, state, generation, attempt),
+        )
+    expiring = overdue(state, scope) if settle else ()
+    if expiring:
+        return Activation(
+            Outcome.WAIT,
+            scope,
+            0,
+            "AwaitingWalltime",
+            f"{len(expiring)} leases in {scope.label} are past their walltime; waiting for the "
+            "binder to end them (TimeLimit)",
         )
     funding_envelope: str | None = None
     if first.stage == "cover":

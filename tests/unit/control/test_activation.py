@@ -433,3 +433,32 @@ def test_the_sample_administrator_reservation_activates_on_its_named_nodes() -> 
     assert (seen.deficit, seen.reason) == (64, "NoCapacity")
     assert seen.remedies.lottery_likely
     assert set(seen.remedies.conflict_set) == {b.key for b in blockers}
+
+
+def test_leases_past_their_walltime_are_waited_for_not_cut() -> None:
+    """A walltime ETA counts on leases the binder ends (TimeLimit) at that very instant: an
+    activation that sees them still open waits for them instead of cutting anything."""
+    wall = run("wall", "org:ai:lab", 16)
+    other = run("other", "org:ai:nlp", 16)
+    expired = [
+        dataclasses.replace(held(wall, node, rank=i), expected_end=T0 - timedelta(seconds=1))
+        for i, node in enumerate(("a1", "a2"))
+    ]
+    leases = [*expired, held(other, "a3"), held(other, "a4", rank=1)]
+    state = world(leases, [BIG, wall, other])
+    act = decide(BIG, state, TARGET)
+    assert act.outcome is Outcome.WAIT
+    assert act.reason == "AwaitingWalltime"
+    assert act.intent is None and act.ends == () and act.seed is None
+    # Once the binder has ended them the Run binds on its slice, no cut, no lottery.
+    ended = after_ends(state, [(lease.name, "TimeLimit") for lease in expired])
+    bound = decide(BIG, ended, TARGET)
+    assert bound.outcome is Outcome.BIND and bound.ends == ()
+    # A lease whose walltime is not over yet is not waited for: the usual cuts apply.
+    running = [dataclasses.replace(x, expected_end=T0 + timedelta(minutes=5)) for x in expired]
+    state = world([*running, held(other, "a3"), held(other, "a4", rank=1)], [BIG, wall, other])
+    assert decide(BIG, state, TARGET).outcome is Outcome.RESOLVE
+    # After the caller waited long enough (settle=False) it decides as before.
+    late = decide(BIG, world(leases, [BIG, wall, other]), TARGET, settle=False)
+    assert late.outcome is Outcome.RESOLVE
+    assert {name for name, _ in late.ends} == {x.name for x in expired}
