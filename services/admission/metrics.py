@@ -23,6 +23,12 @@ BUDGET_CONCURRENCY = Gauge(
     ["owner", "budget", "envelope", "flavor", "class"],
 )
 
+SPARES_CONCURRENCY = Gauge(
+    "jobtree_spares_concurrency_gpus",
+    "GPUs an envelope pays for as spares now (held for swaps, charged at the spare factor).",
+    ["owner", "budget", "envelope", "flavor"],
+)
+
 BUDGET_HEADROOM_GPUS = Gauge(
     "jobtree_budget_headroom_gpus",
     "Concurrency headroom of an envelope: GPUs it can still pay at once.",

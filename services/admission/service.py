@@ -858,6 +858,9 @@ class AdmissionService:
                 labels = (fig.owner, fig.budget, fig.envelope, fig.flavor, cls)
                 metrics.BUDGET_CONCURRENCY.labels(*labels).set(gpus)
                 keep.add(("c", *labels))
+            spare = (fig.owner, fig.budget, fig.envelope, fig.flavor)
+            metrics.SPARES_CONCURRENCY.labels(*spare).set(fig.concurrency_by_class.get("spare", 0))
+            keep.add(("s", *spare))
             metrics.BUDGET_HEADROOM_GPUS.labels(fig.budget, fig.envelope).set(fig.headroom_gpus)
             keep.add(("h", fig.budget, fig.envelope))
             if fig.headroom_gpu_hours is not None:
@@ -873,6 +876,7 @@ class AdmissionService:
             kind, *labels = entry
             gauge = {
                 "c": metrics.BUDGET_CONCURRENCY,
+                "s": metrics.SPARES_CONCURRENCY,
                 "h": metrics.BUDGET_HEADROOM_GPUS,
                 "hh": metrics.BUDGET_HEADROOM_GPU_HOURS,
             }[kind]

@@ -452,6 +452,10 @@ async def test_budget_status_and_metrics_replay_real_leases(
         'jobtree_budgets_concurrency_gpus{budget="adm-budget",class="spare",envelope="west",'
         'flavor="H100-80GB",owner="org:adm:acct"} 2.0'
     ) in body
+    assert (
+        'jobtree_spares_concurrency_gpus{budget="adm-budget",envelope="west",'
+        'flavor="H100-80GB",owner="org:adm:acct"} 2.0'
+    ) in body
     await close_lease(crds, "adm-acct-active", "Completed")
 
     async def freed() -> bool:
