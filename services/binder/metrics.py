@@ -42,6 +42,13 @@ PODS = Counter(
     ["action"],
 )
 
+JOURNAL_REPLAYS = Counter(
+    "jobtree_binder_journal_replays_total",
+    "Journaled commits re-applied after a crash or a failed apply: completed, dropped (rejected "
+    "now, e.g. the Run is gone), error (the API server failed again; retried).",
+    ["result"],
+)
+
 LEADER = Gauge(
     "jobtree_binder_leader",
     "1 while this binder instance is the active writer.",

@@ -12,6 +12,10 @@ commit path and nudges admission with ``RUN_CHANGED``.
 
 Only one binder may write at a time. With ``--leader-elect`` replicas hold a
 ``coordination.k8s.io`` Lease and only the holder serves commits and runs the lifecycle.
+
+A commit is recorded in a JetStream journal (``services.binder.journal``) before anything of it
+is written and forgotten once applied; a binder that starts serving, or whose apply failed
+part-way, re-applies what the journal still holds, so a crash never leaves half a gang written.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from kubernetes_asyncio.client import ApiClient
 
 from services.binder import metrics
 from services.binder.election import LeaderElector
+from services.binder.journal import Journal
 from shared.api import GROUP
 from shared.api.lease import LABEL_RUN
 from shared.bus import (
@@ -62,7 +68,7 @@ from shared.control.commit_check import (
 )
 from shared.control.lifecycle import Outcome, PodView, RunView, decide
 from shared.engine.bindplan import LeaseIntent, PodIntent
-from shared.engine.model import Lease, RunKey
+from shared.engine.model import Lease, Role, RunKey
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
@@ -167,6 +173,58 @@ def ledger_closure_label(closure: str) -> str:
     return closure.split("(", 1)[0]
 
 
+MAX_REPLAYS = 30
+"""A journaled commit the API server keeps failing is dropped after this many re-applies."""
+WRITE_CONCURRENCY = 16
+"""API writes of one commit step in flight at once."""
+
+
+async def _concurrently(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T | BaseException]:
+    """Run the calls ``WRITE_CONCURRENCY`` at a time; results (or exceptions) in call order."""
+    if len(calls) == 1:
+        try:
+            return [await calls[0]()]
+        except Exception as exc:
+            return [exc]
+    gate = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    async def one(call: Callable[[], Awaitable[_T]]) -> _T:
+        async with gate:
+            return await call()
+
+    return list(await asyncio.gather(*(one(c) for c in calls), return_exceptions=True))
+
+
+def _raise_first(results: Iterable[object]) -> None:
+    """Re-raise the first exception among a step's results (after its successes are recorded)."""
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def rank_clash(plan: CommitPlan) -> str | None:
+    """A new working lease for a rank that another open lease keeps on another node.
+
+    A rank is one pod on one node. A proposal numbered on a view that missed some of the Run's
+    Leases (a grow planned before another proposer's bind showed up) would otherwise start a
+    second incarnation of a live rank and replace its pod. Only ranks the commit starts are
+    checked; a swap ends the old lease in the same commit, so it never clashes.
+    """
+    new = {(i.run, i.rank) for i in plan.creates if i.rank >= 0 and i.role is not Role.SPARE}
+    nodes: dict[tuple[RunKey, int], set[str]] = {}
+    for lease in plan.open_after:
+        key = (lease.run, lease.rank)
+        if key in new and lease.role is not Role.SPARE:
+            nodes.setdefault(key, set()).add(lease.node)
+    for (run, rank), held in sorted(nodes.items()):
+        if len(held) > 1:
+            return (
+                f"rank {rank} of {run[0]}/{run[1]} would run on {len(held)} nodes "
+                f"({', '.join(sorted(held))}); the proposal missed the Run's current Leases"
+            )
+    return None
+
+
 class CommitFailed(Exception):
     """The API server failed part-way through applying a commit (re-sending completes it)."""
 
@@ -194,6 +252,9 @@ class Binder:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.journal: Journal | None = None
+        self._replay_due = False
+        self._replay_failures: dict[str, int] = {}
         self.elector: LeaderElector | None = None
         if self.options.leader_elect:
             self.elector = LeaderElector(
@@ -208,6 +269,8 @@ class Binder:
     async def start(self) -> None:
         """Connect, sync the caches, then (once leader) serve commits and run the lifecycle."""
         await self.runtime.start()
+        self.journal = Journal(self.runtime.nc)
+        await self.journal.open()
         for kind in ("runs", "leases"):
             self.cache.add_listener(kind, self._poke)
         self.pods.add_listener(self._poke)
@@ -218,6 +281,7 @@ class Binder:
         if self.elector is not None:
             self._tasks.append(asyncio.create_task(self.elector.run(), name="binder-election"))
             await self.elector.leading.wait()
+        await self.replay_journal()
         self.runtime.endpoint(COMMIT, self.commit)
         self._tasks.append(asyncio.create_task(self._lifecycle_loop(), name="binder-lifecycle"))
         self.runtime.set_ready(True)
@@ -298,6 +362,9 @@ class Binder:
         plan = plan_commit(req, state, self._inflight)
         if isinstance(plan, Rejection):
             return self._reject(req, plan)
+        clash = rank_clash(plan)
+        if clash is not None:
+            return self._reject(req, Rejection(ConflictReason.INVALID, clash))
         pod_states = self._pod_states()
         changes = pod_changes(plan, pod_states)
         run_obj: Obj | None = None
@@ -321,11 +388,17 @@ class Binder:
                 refused = await self._dry_run_pods(pods.values())
                 if refused is not None:
                     return self._reject(req, "InvalidPod", refused)
+            if plan.creates or plan.ends or changes.delete or changes.replace or changes.create:
+                journaled = await self._journal_record(req)
+                if journaled is not None:
+                    return journaled
             wrote = await self._apply(plan, changes, pod_states, now, run_obj, leases, pods)
         except (KubeError, CommitFailed) as exc:
             metrics.COMMITS.labels("error").inc()
             log.warning("commit failed", extra={"key": req.key, "error": str(exc)})
+            self._replay_due = True  # the journal keeps it: the lifecycle loop completes it
             return CommitReply(ok=False, conflict=f"ApiError: {exc}")
+        await self._journal_done(req.key)
         metrics.COMMITS.labels("ok" if wrote else "noop").inc()
         log.info(
             "commit applied" if wrote else "commit already applied",
@@ -341,6 +414,66 @@ class Binder:
             created=[intent.name for intent in req.leases],
             ended=[end.name for end in req.ends],
         )
+
+    # ------------------------------------------------------------------ journal
+
+    async def _journal_record(self, req: CommitRequest) -> CommitReply | None:
+        """Record the commit before writing it; a reply refusing it when the journal is down."""
+        if self.journal is None:
+            return None
+        try:
+            await self.journal.record(req)
+        except Exception as exc:
+            metrics.COMMITS.labels("rejected").inc()
+            metrics.CONFLICTS.labels("JournalUnavailable").inc()
+            log.warning("commit refused: journal unavailable", extra={"key": req.key})
+            return CommitReply(ok=False, conflict=f"JournalUnavailable: {exc!r}; re-send")
+        return None
+
+    async def _journal_done(self, key: str) -> None:
+        if self.journal is None:
+            return
+        try:
+            await self.journal.done(key)
+        except Exception as exc:  # a leftover entry is re-applied later as a no-op
+            log.warning("journal entry not purged", extra={"key": key, "error": repr(exc)})
+            self._replay_due = True
+
+    async def replay_journal(self) -> int:
+        """Re-apply every commit the journal still holds (a crash or an API failure stopped it
+        part-way); returns how many were completed. Rejected ones are dropped from the journal."""
+        if self.journal is None:
+            return 0
+        self._replay_due = False
+        try:
+            pending = await self.journal.pending()
+        except Exception as exc:
+            log.warning("journal unreadable", extra={"error": repr(exc)})
+            self._replay_due = True
+            return 0
+        completed = 0
+        for req in pending:
+            async with self._lock:
+                reply = await self._commit_locked(req)
+            failures = self._replay_failures.pop(req.key, 0)
+            if reply.ok:
+                completed += 1
+                metrics.JOURNAL_REPLAYS.labels("completed").inc()
+                log.info("journaled commit completed", extra={"key": req.key})
+            elif (
+                reply.conflict.startswith(("ApiError:", "JournalUnavailable:"))
+                and failures + 1 < MAX_REPLAYS
+            ):
+                metrics.JOURNAL_REPLAYS.labels("error").inc()
+                self._replay_failures[req.key] = failures + 1
+                self._replay_due = True
+            else:
+                metrics.JOURNAL_REPLAYS.labels("dropped").inc()
+                log.warning(
+                    "journaled commit dropped", extra={"key": req.key, "conflict": reply.conflict}
+                )
+                await self._journal_done(req.key)
+        return completed
 
     def _lease_body(self, req: CommitRequest, intent: LeaseIntent, run_obj: Obj) -> dict[str, Any]:
         uid = req.run.uid or str(_meta(run_obj).get("uid") or "")
@@ -370,28 +503,37 @@ class Binder:
         leases: list[dict[str, Any]],
         pods: dict[str, dict[str, Any]],
     ) -> bool:
-        """Write the commit: ends, freed pods, Service, Leases, Pods. True if anything changed."""
+        """Write the commit: ends, freed pods, Service, Leases, Pods. True if anything changed.
+
+        The writes of one step go to the API server concurrently (``WRITE_CONCURRENCY`` at a
+        time); the steps stay in this order. What succeeded is recorded (in-flight view,
+        metrics, ledger) before the first failure of a step is raised.
+        """
         wrote = False
-        for lease, closure in plan.ends:
-            end = max(now, lease.start)
-            await self._close_lease(lease, closure, end)
-            self._inflight = self._inflight.with_commit([], [(lease.name, closure)])
-            metrics.LEASES.labels("closed", ledger_closure_label(closure)).inc()
-            await self._ledger(lease, "closed", end, closure)
+        ends = [(lease, closure, max(now, lease.start)) for lease, closure in plan.ends]
+        closes = await _concurrently(
+            [partial(self._close_lease, lease, closure, end) for lease, closure, end in ends]
+        )
+        closed = [end for end, result in zip(ends, closes, strict=True) if result is None]
+        if closed:
+            self._inflight = self._inflight.with_commit([], [(le.name, c) for le, c, _ in closed])
             wrote = True
-        for key in changes.delete:
-            node = self.cache.topology.node(states[key].node)
-            if node is None or not node.ready:
-                # No kubelet will confirm a graceful delete on a lost node: delete outright.
-                cached = self.pods.get(f"{key[0]}/{key[1]}")
-                uid = str(_meta(cached).get("uid") or "") if cached is not None else ""
-                await self._force_delete_pod(key, uid)
-                deleted = True
-            else:
-                deleted = await self._delete_pod(key)
-            if deleted:
+        for _, closure, _ in closed:
+            metrics.LEASES.labels("closed", ledger_closure_label(closure)).inc()
+        await _concurrently(
+            [partial(self._ledger, lease, "closed", end, closure) for lease, closure, end in closed]
+        )
+        _raise_first(closes)
+
+        deletes = await _concurrently(
+            [partial(self._delete_freed_pod, key, states[key]) for key in changes.delete]
+        )
+        for result in deletes:
+            if result is True:
                 metrics.PODS.labels("deleted").inc()
                 wrote = True
+        _raise_first(deletes)
+
         creates = list(changes.create)
         for key in changes.replace:
             pod = next(p for p in creates if (p.run[0], p.name) == key)
@@ -406,18 +548,41 @@ class Binder:
                 metrics.PODS.labels("replaced").inc()
         if creates and run_obj is not None:
             await self._create(SERVICES, headless_service(run_obj))
-        for intent, body in zip(plan.creates, leases, strict=True):
-            await self._create(GPU_LEASES, body)
-            record = intent_lease(intent)
-            self._inflight = self._inflight.with_commit([record], [])
-            metrics.LEASES.labels("opened", "").inc()
-            await self._ledger(record, "opened", intent.start, "")
+
+        made = await _concurrently([partial(self._create, GPU_LEASES, body) for body in leases])
+        opened = [
+            intent_lease(intent)
+            for intent, result in zip(plan.creates, made, strict=True)
+            if not isinstance(result, BaseException)
+        ]
+        if opened:
+            self._inflight = self._inflight.with_commit(opened, [])
             wrote = True
-        for pod in creates:
-            if await self._create(PODS, pods[pod.name]):
+        for _ in opened:
+            metrics.LEASES.labels("opened", "").inc()
+        await _concurrently(
+            [partial(self._ledger, record, "opened", record.start, "") for record in opened]
+        )
+        _raise_first(made)
+
+        started = await _concurrently([partial(self._create, PODS, pods[p.name]) for p in creates])
+        for result in started:
+            if result is True:
                 metrics.PODS.labels("created").inc()
                 wrote = True
+        _raise_first(started)
         return wrote
+
+    async def _delete_freed_pod(self, key: PodKey, state: PodState) -> bool:
+        """Delete the pod of a rank that no longer holds its node; True if it was deleted."""
+        node = self.cache.topology.node(state.node)
+        if node is None or not node.ready:
+            # No kubelet will confirm a graceful delete on a lost node: delete outright.
+            cached = self.pods.get(f"{key[0]}/{key[1]}")
+            uid = str(_meta(cached).get("uid") or "") if cached is not None else ""
+            await self._force_delete_pod(key, uid)
+            return True
+        return await self._delete_pod(key)
 
     # ------------------------------------------------------------------ writes
 
@@ -460,11 +625,12 @@ class Binder:
     async def _dry_run_pods(self, bodies: Iterable[Mapping[str, Any]]) -> str | None:
         """Let the API server validate every pod before anything is written, so a Run whose
         template cannot make a pod is refused whole instead of leaving leases without pods."""
-        for body in bodies:
+
+        async def check(body: Mapping[str, Any]) -> str | None:
             namespace = str(body["metadata"]["namespace"])
             path = PODS.path(namespace)
 
-            async def post(body: Mapping[str, Any] = body, path: str = path) -> None:
+            async def post() -> None:
                 query: list[tuple[str, str | int]] = [
                     ("dryRun", "All"),
                     ("fieldManager", FIELD_MANAGER),
@@ -475,10 +641,17 @@ class Binder:
                 await self._retry("dry-run pod", post)
             except KubeError as exc:
                 if exc.status == 409:  # the name is taken by the pod this commit replaces
-                    continue
+                    return None
                 if 400 <= exc.status < 500:
                     return f"pod {namespace}/{body['metadata']['name']}: {exc.message}"
                 raise
+            return None
+
+        results = await _concurrently([partial(check, body) for body in bodies])
+        for result in results:
+            if isinstance(result, str):
+                return result
+        _raise_first(results)
         return None
 
     async def _get(self, resource: Resource, name: str, namespace: str | None) -> Obj | None:
@@ -575,6 +748,8 @@ class Binder:
             if self.elector is not None and not self.elector.is_leader:
                 continue
             try:
+                if self._replay_due:
+                    await self.replay_journal()
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
@@ -655,17 +830,21 @@ class Binder:
                 await self.runtime.publish(RUN_CHANGED, RunChanged(namespace=key[0], name=key[1]))
             except BusError as exc:
                 log.warning("run-changed nudge lost", extra={"error": str(exc)})
-        for name in outcome.delete_pods:
-            live = self.pods.get(f"{key[0]}/{name}")
-            if live is not None and _meta(live).get("deletionTimestamp"):
-                continue
-            try:
-                if await self._delete_pod((key[0], name)):
-                    metrics.PODS.labels("deleted").inc()
-            except KubeError as exc:
+        names = [
+            name
+            for name in outcome.delete_pods
+            if not _meta(self.pods.get(f"{key[0]}/{name}") or {}).get("deletionTimestamp")
+        ]
+        results = await _concurrently([partial(self._delete_pod, (key[0], n)) for n in names])
+        for name, result in zip(names, results, strict=True):
+            if result is True:
+                metrics.PODS.labels("deleted").inc()
+            elif isinstance(result, KubeError):
                 log.warning(
-                    "pod delete failed", extra={"pod": f"{key[0]}/{name}", "error": str(exc)}
+                    "pod delete failed", extra={"pod": f"{key[0]}/{name}", "error": str(result)}
                 )
+            elif isinstance(result, BaseException):
+                raise result
 
 
 # --------------------------------------------------------------------------- process entry

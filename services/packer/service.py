@@ -3,9 +3,12 @@
 It keeps watch caches of Nodes, Leases and Reservations (and Runs, which size administrator
 Reservations that carry no GPU count) and writes nothing. ``PLAN`` runs the engine's ``pack`` on
 the latest snapshot, with the GPUs promised to other Reservations protected, and stamps the cache
-version the plan was computed on. A health loop turns node observations into ``NODE_FAILED``
-events (``shared.control.node_health``): a node under open leases that is deleted, or NotReady
-for longer than ``--node-grace-seconds``, is announced once per failure episode.
+version the plan was computed on. Placements it handed out are *assumed* (their GPUs kept from
+other Runs' plans) until its cache shows the committed Leases or ``assume_seconds`` pass, so
+concurrent proposers do not all get the same nodes and collide at the binder. A health loop
+turns node observations into ``NODE_FAILED`` events (``shared.control.node_health``): a node
+under open leases that is deleted, or NotReady for longer than ``--node-grace-seconds``, is
+announced once per failure episode.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -39,13 +43,18 @@ from shared.control.node_health import (
     node_condition,
 )
 from shared.engine.admit import claim_protection
-from shared.engine.pack import NoFit, pack
+from shared.engine.model import RunKey
+from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, Topology
 from shared.kube.cache import ClusterCache
 from shared.kube.client import make_client
+from shared.kube.informer import Obj
 
 log = logging.getLogger(__name__)
+
+ASSUME_SECONDS = 10.0
+"""How long a placement handed out keeps its GPUs from other plans unless its Leases show up."""
 
 
 def utcnow() -> datetime:
@@ -59,6 +68,8 @@ class PackerOptions:
     gpu_resource: str = DEFAULT_GPU_RESOURCE
     node_grace: timedelta = DEFAULT_GRACE
     """How long a leased node may be NotReady before it counts as failed."""
+    assume_seconds: float = ASSUME_SECONDS
+    """How long a placement handed out is kept from other plans unless its Leases show up."""
     settings: Settings = field(default_factory=Settings)
 
     @property
@@ -67,28 +78,65 @@ class PackerOptions:
         return max(0.05, min(1.0, self.node_grace.total_seconds() / 4))
 
 
-def plan(req: PlanRequest, state: ClusterState, version: int) -> PlanReply:
+def plan(
+    req: PlanRequest,
+    state: ClusterState,
+    version: int,
+    assumed: Mapping[str, int] | None = None,
+) -> PlanReply:
     """The engine's pack on ``state``, with other Reservations' GPUs protected (pure).
 
     Claims of the planned Run itself, and the Reservation named by ``own_claim``, never block
-    it: the binder re-checks commits by the same rule.
+    it: the binder re-checks commits by the same rule. ``assumed`` (node → GPUs) are GPUs of
+    placements handed out to other Runs and not committed yet: the plan avoids them when it can,
+    and takes them when nothing else fits (an assumption is a guess, never a reason for NoFit;
+    the binder's re-check decides).
     """
     at = req.at or state.now
     claims = tuple(c for c in state.claims if c.run != req.request.key)
     protected = claim_protection(req.request, claims, state.topology, at, own=req.own_claim)
-    placed = pack(
-        req.request,
-        state.topology,
-        req.funding,
-        gpus=req.gpus,
-        first_group=req.first_group,
-        first_rank=req.first_rank,
-        used_domains=tuple(req.used_domains),
-        protected=protected,
-    )
+
+    def attempt(avoid: Mapping[str, int]) -> Placement | NoFit:
+        return pack(
+            req.request,
+            state.topology,
+            req.funding,
+            gpus=req.gpus,
+            first_group=req.first_group,
+            first_rank=req.first_rank,
+            used_domains=tuple(req.used_domains),
+            protected=avoid,
+        )
+
+    placed = None
+    if assumed:
+        avoid = dict(protected)
+        for node, gpus in assumed.items():
+            avoid[node] = avoid.get(node, 0) + gpus
+        placed = attempt(avoid)
+    if placed is None or isinstance(placed, NoFit):
+        placed = attempt(protected)
     if isinstance(placed, NoFit):
         return PlanReply(version=version, reason=placed.reason.value, message=placed.message)
     return PlanReply(version=version, placement=placed)
+
+
+@dataclass(frozen=True, slots=True)
+class Assumption:
+    """GPUs per node of a placement handed out for a Run, until committed or expired."""
+
+    gpus: Mapping[str, int]
+    expires: float
+    """``time.monotonic()`` deadline."""
+
+
+def placement_gpus(placement: Placement) -> dict[str, int]:
+    """Node → GPUs a placement takes (spares included: they hold GPUs too)."""
+    out: dict[str, int] = {}
+    for group in placement.groups:
+        for s in group.slices:
+            out[s.node] = out.get(s.node, 0) + s.gpus
+    return out
 
 
 def leased_nodes(topology: Topology) -> set[str]:
@@ -113,6 +161,7 @@ class Packer:
             gpu_resource=self.options.gpu_resource,
         )
         self.health = HealthState()
+        self.assumed: dict[RunKey, Assumption] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -122,6 +171,8 @@ class Packer:
         await self.runtime.start()
         for kind in ("nodes", "leases"):
             self.cache.add_listener(kind, self._poke)
+        self.cache.add_listener("leases", self._settle)
+        self.cache.add_listener("runs", self._settle)
         await self.cache.start()
         await self.cache.wait_ready()
         self.runtime.endpoint(PLAN, self.plan)
@@ -150,7 +201,15 @@ class Packer:
         try:
             version = self.cache.version
             state = self.cache.snapshot(utcnow(), self.options.settings)
-            reply = plan(req, state, version)
+            key = req.request.key
+            reply = plan(req, state, version, self._assumed_for(key))
+            if reply.placement is not None:
+                self.assumed[key] = Assumption(
+                    placement_gpus(reply.placement),
+                    time.monotonic() + self.options.assume_seconds,
+                )
+            else:
+                self.assumed.pop(key, None)
         finally:
             metrics.PLAN_SECONDS.observe(time.perf_counter() - started)
         metrics.PLANS.labels("fit" if reply.fits else reply.reason).inc()
@@ -164,6 +223,37 @@ class Packer:
             },
         )
         return reply
+
+    def _settle(self, event: str, obj: Obj, old: Obj | None) -> None:
+        """A Lease of an assumed Run was written (its commit landed), or the Run is gone: its
+        placement is no longer a guess."""
+        if not self.assumed:
+            return
+        if "runRef" in (obj.get("spec") or {}):
+            ref = obj["spec"]["runRef"] or {}
+            key = (str(ref.get("namespace") or ""), str(ref.get("name") or ""))
+        elif event == "DELETED":
+            meta = obj.get("metadata") or {}
+            key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        else:
+            return
+        self.assumed.pop(key, None)
+
+    def _assumed_for(self, run: RunKey) -> dict[str, int]:
+        """GPUs per node of other Runs' placements not yet seen committed (expired ones and
+        those whose Leases the cache shows are dropped first)."""
+        now = time.monotonic()
+        for key, assumption in list(self.assumed.items()):
+            held = {lease.node for lease in self.cache.leases_of(key) if lease.open}
+            if assumption.expires <= now or held >= assumption.gpus.keys():
+                del self.assumed[key]
+        out: dict[str, int] = {}
+        for key, assumption in self.assumed.items():
+            if key == run:
+                continue
+            for node, gpus in assumption.gpus.items():
+                out[node] = out.get(node, 0) + gpus
+        return out
 
     # ------------------------------------------------------------------ node health
 
