@@ -5,14 +5,13 @@ Shrinking (voluntary or by the resolver) is ``shared.engine.shrink.shrink_plan``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.engine.admit import Blocked, Start, claim_protection
 from shared.engine.cover import CoverDenied, cover
 from shared.engine.model import FundingKind, Lease, Role, RunRequest
-from shared.engine.pack import NoFit, pack
+from shared.engine.pack import NoFit, group_sizes, pack
 from shared.engine.shrink import current_width
 from shared.engine.state import ClusterState
 
@@ -47,18 +46,22 @@ def grow(
     step = next_step(request, current_width(mine))
     if step <= 0:
         return None
-    sized = dataclasses.replace(request, total_gpus=step)
+    # The step is funded as an explicit demand: the request itself stays the Run's (a step may be
+    # narrower than the Run's minimum width, which cover rightly refuses as a whole Run).
+    groups = group_sizes(request, step)
+    demand = step + request.spares_per_group * (len(groups) if groups else 1)
     borrowed = sum(
         lease.gpus
         for lease in mine
         if lease.funding is FundingKind.SPONSOR and lease.role is Role.ACTIVE
     )
     funding = cover(
-        sized,
+        request,
         state.family,
         state.usage,
         now=state.now,
         default_duration=state.settings.default_duration,
+        demand=demand,
         already_borrowed=borrowed,
     )
     if isinstance(funding, CoverDenied):
@@ -67,7 +70,7 @@ def grow(
     first_rank = max((lease.rank for lease in mine), default=-1) + 1
     used = {d for lease in mine if (d := state.topology.domain_of(lease.node)) is not None}
     placed = pack(
-        sized,
+        request,
         state.topology,
         funding,
         gpus=step,

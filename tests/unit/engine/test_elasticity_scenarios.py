@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from shared.engine.admit import Start, try_start
 from shared.engine.bindplan import bind_plan, to_leases
 from shared.engine.elasticity import Grow, grow, next_step
-from shared.engine.model import Lease, LeaseReason, Malleable
+from shared.engine.model import Lease, LeaseReason, Malleable, RunRequest
 from shared.engine.shrink import current_width, shrink_plan
 from shared.engine.state import ClusterState
 
@@ -73,3 +73,27 @@ def test_elastic_run_grows_step_by_step_and_shrinks_on_request() -> None:
 
 def _closed(lease_: Lease, when: datetime) -> Lease:
     return replace(lease_, end=when, closure="Completed")
+
+
+def test_a_step_narrower_than_the_minimum_still_grows() -> None:
+    """run-128-groups shape: min 64, step 32 — one step is below min but the Run is not."""
+    wide = request(ME, 64, group_gpus=32, malleable=Malleable(64, 128, 32, 128), selector=WEST_A)
+    nodes = domain_nodes("gpu-a", "nv-a", 16)
+    budgets = [budget(ME, env("west", 128, selector=WEST_A))]
+    state = ClusterState.build(now=T0, nodes=nodes, budgets=budgets)
+    first = try_start(wide, state)
+    assert isinstance(first, Start) and first.width == 128
+    half = with_desired(wide, desired=64)
+    start = try_start(half, state)
+    assert isinstance(start, Start) and start.width == 64
+    ledger = list(to_leases(bind_plan(half, start.placement, now=T0, reason=LeaseReason.START)))
+    grown = grow(
+        wide, ledger, ClusterState.build(now=T0, nodes=nodes, budgets=budgets, ledger=ledger)
+    )
+    assert isinstance(grown, Grow), grown
+    assert grown.start.width == 32 and grown.first_group == 2
+
+
+def with_desired(run: RunRequest, *, desired: int) -> RunRequest:
+    assert run.malleable is not None
+    return replace(run, malleable=replace(run.malleable, desired_gpus=desired))
