@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup testbin lint test unit kube bench crds
+.PHONY: setup testbin lint test unit kube bench crds krew
 
 setup: $(VENV)/.installed testbin
 
@@ -31,3 +31,8 @@ crds: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench
+
+# The reproducible krew archive of `kubectl runs` (dist/krew/); pins its sha256 in
+# plugins/krew/runs.yaml.
+krew:
+	python3 hack/krew_archive.py

@@ -100,6 +100,41 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/*
+OpenTelemetry trace export of one service container: (dict "root" $ "service" "binder").
+Nothing unless tracing.otlpEndpoint is set (the services then export over OTLP/HTTP, see
+shared/bus/tracing.py). The resource attributes refer to POD_NAME / POD_NAMESPACE, which the
+container defines before this block.
+*/}}
+{{- define "gpu-fleet.tracingEnv" -}}
+{{- $tracing := .root.Values.tracing -}}
+{{- if $tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $tracing.otlpEndpoint | quote }}
+{{- with $tracing.sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- if ne ($tracing.samplerArg | toString) "" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $tracing.samplerArg | toString | quote }}
+{{- end }}
+{{- $attributes := list "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.pod.name=$(POD_NAME)" (printf "k8s.container.name=%s" .service) }}
+{{- range $key, $value := $tracing.resourceAttributes }}
+{{- $attributes = append $attributes (printf "%s=%v" $key $value) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attributes | quote }}
+{{- if $tracing.headersSecret.name }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $tracing.headersSecret.name }}
+      key: {{ $tracing.headersSecret.key }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
 One service container: (dict "root" $ "service" "binder").
 */}}
 {{- define "gpu-fleet.container" -}}
@@ -136,6 +171,7 @@ One service container: (dict "root" $ "service" "binder").
       valueFrom:
         fieldRef:
           fieldPath: metadata.namespace
+    {{- include "gpu-fleet.tracingEnv" (dict "root" $root "service" $name) | nindent 4 }}
     {{- if eq $name "admission" }}
     {{- if $svc.defaultOwnerGlobs }}
     - name: JOBTREE_DEFAULT_OWNER_GLOBS
