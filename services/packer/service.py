@@ -3,7 +3,8 @@
 It keeps watch caches of Nodes, Leases and Reservations (and Runs, which size administrator
 Reservations that carry no GPU count) and writes nothing. ``PLAN`` runs the engine's ``pack`` on
 the latest snapshot, with the GPUs promised to other Reservations protected, and stamps the cache
-version the plan was computed on. Placements it handed out are *assumed* (their GPUs kept from
+version the plan was computed on; an opportunistic Run is first tried as fill inside other Runs'
+spare GPUs (``shared.engine.fill``). Placements it handed out are *assumed* (their GPUs kept from
 other Runs' plans) until its cache shows the committed Leases or ``assume_seconds`` pass, so
 concurrent proposers do not all get the same nodes and collide at the binder. A health loop
 turns node observations into ``NODE_FAILED`` events (``shared.control.node_health``): a node
@@ -43,7 +44,8 @@ from shared.control.node_health import (
     node_condition,
 )
 from shared.engine.admit import claim_protection
-from shared.engine.model import RunKey
+from shared.engine.fill import as_fill, fill_topology
+from shared.engine.model import Role, RunKey, RunRequest
 from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, Topology
@@ -83,6 +85,7 @@ def plan(
     state: ClusterState,
     version: int,
     assumed: Mapping[str, int] | None = None,
+    assumed_fill: Mapping[str, int] | None = None,
 ) -> PlanReply:
     """The engine's pack on ``state``, with other Reservations' GPUs protected (pure).
 
@@ -91,15 +94,42 @@ def plan(
     placements handed out to other Runs and not committed yet: the plan avoids them when it can,
     and takes them when nothing else fits (an assumption is a guess, never a reason for NoFit;
     the binder's re-check decides).
+
+    An opportunistic Run is first placed as fill inside other Runs' spare GPUs (``Borrowed``
+    ranks, no spares of its own; ``assumed_fill`` is spare room handed out to other fill and
+    not committed yet); only when no fill fits does it get an ordinary placement. Claims do not
+    apply to fill: it takes no GPUs beyond the spares it sits in.
     """
+    request = req.request
+    if request.opportunistic:
+        room = fill_topology(state.topology, state.open_leases, request.key)
+        if len(room):
+            fill = replace(request, spares_per_group=0)
+            filled = _pack_around(req, fill, room, {}, assumed_fill)
+            if isinstance(filled, Placement):
+                return PlanReply(version=version, placement=as_fill(filled))
     at = req.at or state.now
-    claims = tuple(c for c in state.claims if c.run != req.request.key)
-    protected = claim_protection(req.request, claims, state.topology, at, own=req.own_claim)
+    claims = tuple(c for c in state.claims if c.run != request.key)
+    protected = claim_protection(request, claims, state.topology, at, own=req.own_claim)
+    placed = _pack_around(req, request, state.topology, protected, assumed)
+    if isinstance(placed, NoFit):
+        return PlanReply(version=version, reason=placed.reason.value, message=placed.message)
+    return PlanReply(version=version, placement=placed)
+
+
+def _pack_around(
+    req: PlanRequest,
+    request: RunRequest,
+    topology: Topology,
+    protected: Mapping[str, int],
+    assumed: Mapping[str, int] | None,
+) -> Placement | NoFit:
+    """Pack ``request`` around the ``assumed`` GPUs, or (nothing fits around them) without."""
 
     def attempt(avoid: Mapping[str, int]) -> Placement | NoFit:
         return pack(
-            req.request,
-            state.topology,
+            request,
+            topology,
             req.funding,
             gpus=req.gpus,
             first_group=req.first_group,
@@ -108,17 +138,14 @@ def plan(
             protected=avoid,
         )
 
-    placed = None
     if assumed:
         avoid = dict(protected)
         for node, gpus in assumed.items():
             avoid[node] = avoid.get(node, 0) + gpus
         placed = attempt(avoid)
-    if placed is None or isinstance(placed, NoFit):
-        placed = attempt(protected)
-    if isinstance(placed, NoFit):
-        return PlanReply(version=version, reason=placed.reason.value, message=placed.message)
-    return PlanReply(version=version, placement=placed)
+        if isinstance(placed, Placement):
+            return placed
+    return attempt(protected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,17 +153,28 @@ class Assumption:
     """GPUs per node of a placement handed out for a Run, until committed or expired."""
 
     gpus: Mapping[str, int]
+    """Physical GPUs (actives and spares)."""
+    fill: Mapping[str, int]
+    """Spare room its ``Borrowed`` ranks take (fill holds no GPUs of its own)."""
     expires: float
     """``time.monotonic()`` deadline."""
 
 
-def placement_gpus(placement: Placement) -> dict[str, int]:
-    """Node → GPUs a placement takes (spares included: they hold GPUs too)."""
+def placement_gpus(placement: Placement, *, fill: bool = False) -> dict[str, int]:
+    """Node → GPUs a placement takes: physical GPUs (spares included: they hold GPUs too), or
+    with ``fill`` the spare room its ``Borrowed`` ranks occupy."""
     out: dict[str, int] = {}
-    for group in placement.groups:
-        for s in group.slices:
+    for s in placement.slices:
+        if (s.role is Role.BORROWED) is fill:
             out[s.node] = out.get(s.node, 0) + s.gpus
     return out
+
+
+def _result(reply: PlanReply) -> str:
+    """The ``result`` label of a plan: ``fill``, ``fit`` or the NoFit reason."""
+    if reply.placement is None:
+        return reply.reason
+    return "fill" if placement_gpus(reply.placement, fill=True) else "fit"
 
 
 def leased_nodes(topology: Topology) -> set[str]:
@@ -202,17 +240,18 @@ class Packer:
             version = self.cache.version
             state = self.cache.snapshot(utcnow(), self.options.settings)
             key = req.request.key
-            reply = plan(req, state, version, self._assumed_for(key))
+            reply = plan(req, state, version, *self._assumed_for(key))
             if reply.placement is not None:
                 self.assumed[key] = Assumption(
                     placement_gpus(reply.placement),
+                    placement_gpus(reply.placement, fill=True),
                     time.monotonic() + self.options.assume_seconds,
                 )
             else:
                 self.assumed.pop(key, None)
         finally:
             metrics.PLAN_SECONDS.observe(time.perf_counter() - started)
-        metrics.PLANS.labels("fit" if reply.fits else reply.reason).inc()
+        metrics.PLANS.labels(_result(reply)).inc()
         log.debug(
             "plan",
             extra={
@@ -239,21 +278,24 @@ class Packer:
             return
         self.assumed.pop(key, None)
 
-    def _assumed_for(self, run: RunKey) -> dict[str, int]:
-        """GPUs per node of other Runs' placements not yet seen committed (expired ones and
-        those whose Leases the cache shows are dropped first)."""
+    def _assumed_for(self, run: RunKey) -> tuple[dict[str, int], dict[str, int]]:
+        """GPUs and spare room per node of other Runs' placements not yet seen committed
+        (expired ones and those whose Leases the cache shows are dropped first)."""
         now = time.monotonic()
         for key, assumption in list(self.assumed.items()):
             held = {lease.node for lease in self.cache.leases_of(key) if lease.open}
-            if assumption.expires <= now or held >= assumption.gpus.keys():
+            nodes = assumption.gpus.keys() | assumption.fill.keys()
+            if assumption.expires <= now or held >= nodes:
                 del self.assumed[key]
-        out: dict[str, int] = {}
+        gpus: dict[str, int] = {}
+        fill: dict[str, int] = {}
         for key, assumption in self.assumed.items():
             if key == run:
                 continue
-            for node, gpus in assumption.gpus.items():
-                out[node] = out.get(node, 0) + gpus
-        return out
+            for into, taken in ((gpus, assumption.gpus), (fill, assumption.fill)):
+                for node, count in taken.items():
+                    into[node] = into.get(node, 0) + count
+        return gpus, fill
 
     # ------------------------------------------------------------------ node health
 

@@ -3,9 +3,10 @@
 Proposers (admission, resolver) plan on snapshots that may be stale by the time the commit
 arrives. The binder is the single writer, so it re-validates every commit here before writing
 anything, against its watch caches *plus* the commits it has already written but not yet seen
-back through the watch (``Inflight``). A commit that would overbook a node, exceed an envelope's
-concurrency (or a lending or aggregate cap), or take GPUs promised to another Reservation is
-rejected with a typed reason and nothing is written; the proposer recomputes.
+back through the watch (``Inflight``). A commit that would overbook a node, put fill (``Borrowed``)
+outside other runs' unfilled spare GPUs, exceed an envelope's concurrency (or a lending or
+aggregate cap), or take GPUs promised to another Reservation is rejected with a typed reason and
+nothing is written; the proposer recomputes.
 
 Commits are idempotent: lease names are deterministic, so leases that already exist are not
 created (or counted) again, and ends of leases that are already closed are skipped. A re-sent
@@ -25,8 +26,10 @@ from types import MappingProxyType
 from shared.bus.messages import CommitRequest
 from shared.engine.admit import claim_protection
 from shared.engine.bindplan import LeaseIntent, PodIntent, pod_name
+from shared.engine.fill import spare_room
 from shared.engine.model import FundingKind, Lease, ReservationClaim, Role, RunKey, RunRequest
 from shared.engine.state import ClusterState
+from shared.engine.topology import occupancy as node_occupancy
 
 RESERVATION_REASON_PREFIX = "Reservation:"
 """``CommitRequest.reason`` of a reservation's activation: ``Reservation:<namespace>/<name>``."""
@@ -42,6 +45,7 @@ class ConflictReason(StrEnum):
     UNKNOWN_NODE = "UnknownNode"
     NODE_UNSCHEDULABLE = "NodeUnschedulable"
     NODE_CAPACITY = "NodeCapacity"
+    FILL_ROOM = "FillRoom"
     UNKNOWN_ENVELOPE = "UnknownEnvelope"
     ENVELOPE_CONCURRENCY = "EnvelopeConcurrency"
     LENDING_LIMIT = "LendingLimit"
@@ -98,6 +102,14 @@ class Inflight:
         if len(opened) == len(self.opened) and len(closed) == len(self.closed):
             return self
         return Inflight(MappingProxyType(opened), MappingProxyType(closed))
+
+    def forget(self, opened: Iterable[str]) -> Inflight:
+        """Drop leases counted before they were written whose creation did not happen."""
+        gone = set(opened) & self.opened.keys()
+        if not gone:
+            return self
+        kept = {n: le for n, le in self.opened.items() if n not in gone}
+        return Inflight(MappingProxyType(kept), self.closed)
 
     def __bool__(self) -> bool:
         return bool(self.opened or self.closed)
@@ -170,15 +182,7 @@ def ledger_view(state: ClusterState, inflight: Inflight) -> dict[str, Lease]:
 
 def occupancy(leases: Iterable[Lease]) -> int:
     """Physical GPUs the leases of one node hold: fill (Borrowed) lives inside spare GPUs."""
-    active = spare = borrowed = 0
-    for lease in leases:
-        if lease.role is Role.SPARE:
-            spare += lease.gpus
-        elif lease.role is Role.BORROWED:
-            borrowed += lease.gpus
-        else:
-            active += lease.gpus
-    return active + max(spare, borrowed)
+    return node_occupancy((lease.gpus, lease.role) for lease in leases)
 
 
 def _validate_shape(request: CommitRequest) -> Rejection | None:
@@ -228,7 +232,8 @@ def _check_nodes(
     creates: Sequence[Lease],
     open_after: Sequence[Lease],
 ) -> Rejection | None:
-    """Capacity per node after the ends, and no new GPUs on another reservation's claim.
+    """Capacity per node after the ends, fill only inside other runs' unfilled spares, and no
+    new GPUs on another reservation's claim.
 
     Claims of the committing Run itself never block it, nor does the claim of the reservation
     this commit activates (``reason`` ``Reservation:<ns>/<name>``).
@@ -250,6 +255,14 @@ def _check_nodes(
         if not node.schedulable:
             why = "cordoned" if node.ready else "not Ready"
             return Rejection(ConflictReason.NODE_UNSCHEDULABLE, f"node {name} is {why}")
+        fill = sum(le.gpus for le in new_by_node[name] if le.role is Role.BORROWED)
+        room = spare_room(by_node.get(name, ()), request.run.key).get(name, 0) if fill else 0
+        if fill > room:
+            return Rejection(
+                ConflictReason.FILL_ROOM,
+                f"node {name} has {room} unfilled spare GPUs of other runs; "
+                f"the commit borrows {fill}",
+            )
         before = occupancy(by_node.get(name, ()))
         after = occupancy((*by_node.get(name, ()), *new_by_node[name]))
         if after > node.gpus:

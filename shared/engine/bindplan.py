@@ -154,6 +154,8 @@ def bind_plan(
 
     ``world_size`` defaults to the highest placed rank + 1 (right for a start; a grow passes the
     new total). Spares get leases but no pods: they hold GPUs for a swap, they are not ranks.
+    Borrowed slices (opportunistic fill, ``shared.engine.fill``) are ranks like Active ones; a
+    start opens them with reason ``Fill``, so the ledger says the attempt began as fill.
     """
     run = request.key
     expected_end = now + request.max_duration if request.max_duration is not None else None
@@ -167,6 +169,8 @@ def bind_plan(
         else:
             comp = (f"GROUP[{s.group}]", f"RANK[{s.rank}]")
             rank_slices.setdefault(s.rank, []).append((s.node, s.gpus, s.group, s.role))
+        fill_start = s.role is Role.BORROWED and reason is LeaseReason.START
+        why = LeaseReason.FILL if fill_start else reason
         leases.append(
             LeaseIntent(
                 name=lease_name(
@@ -176,7 +180,7 @@ def bind_plan(
                     rank=s.rank,
                     node=s.node,
                     envelope=s.envelope,
-                    reason=reason,
+                    reason=why,
                     generation=generation,
                     attempt=attempt,
                 ),
@@ -191,7 +195,7 @@ def bind_plan(
                 payer_owner=s.payer_owner,
                 funding=s.funding,
                 start=now,
-                reason=reason,
+                reason=why,
                 expected_end=expected_end,
                 comp_path=comp,
             )

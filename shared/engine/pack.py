@@ -82,7 +82,8 @@ class GroupPlacement:
 
     @property
     def active_gpus(self) -> int:
-        return sum(s.gpus for s in self.slices if s.role is Role.ACTIVE)
+        """GPUs of the group's ranks: Active, or Borrowed when placed as fill (``fill.as_fill``)."""
+        return sum(s.gpus for s in self.slices if s.role is not Role.SPARE)
 
     @property
     def spare_gpus(self) -> int:
@@ -112,8 +113,8 @@ class Placement:
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """Distinct active ranks of the plan, ascending."""
-        return tuple(sorted({s.rank for s in self.slices if s.role is Role.ACTIVE}))
+        """Distinct ranks of the plan (Active or Borrowed), ascending."""
+        return tuple(sorted({s.rank for s in self.slices if s.role is not Role.SPARE}))
 
     @property
     def domains(self) -> tuple[DomainKey, ...]:

@@ -3,7 +3,9 @@
 SPEC §1: a node belongs to exactly one flavor and one domain (region, cluster, fabric.domain), and
 only Ready, uncordoned nodes take new work. Pack runs for every admission, grow and forecast step,
 so the snapshot keeps a per-flavor → per-domain index of free GPUs: pack ranks domains from that
-index and only looks at the nodes of the few domains it actually uses.
+index and only looks at the nodes of the few domains it actually uses. The GPUs a node has in use
+are its physical occupancy (``occupancy``): opportunistic fill sits inside spare GPUs, so a
+``Borrowed`` lease is not counted on top of the spare it fills.
 
 A ``Topology`` is immutable. Every update returns a new snapshot that shares all untouched domains
 with the old one, so a watch cache can keep publishing snapshots cheaply and a planner can keep
@@ -25,11 +27,20 @@ from shared.engine.model import (
     DomainKey,
     Lease,
     Node,
+    Role,
 )
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
-_EMPTY: Mapping[str, int] = MappingProxyType({})
+Held = tuple[int, Role]
+"""GPUs and role of one open lease: what a node's occupancy is computed from."""
+
+_ACTIVE, _SPARE = Role.ACTIVE, Role.SPARE
+_HELD: dict[Held, Held] = {}
+"""Interned (GPUs, role) pairs: 100,000 open leases share a handful of tuples."""
+
+_EMPTY: Mapping[str, Held] = MappingProxyType({})
+_NO_GPUS: Mapping[str, int] = MappingProxyType({})
 _NO_DOMAINS: Mapping[DomainKey, int] = MappingProxyType({})
 
 _QUANTITY = re.compile(r"^([+-]?[0-9]+(?:\.[0-9]*)?|[+-]?\.[0-9]+)([a-zA-Z]*)$")
@@ -107,6 +118,29 @@ def node_from_labels(
     )
 
 
+def _held(lease: Lease) -> Held:
+    """The (GPUs, role) a topology remembers for an open lease (one shared tuple per value)."""
+    key = (lease.gpus, lease.role)
+    return _HELD.setdefault(key, key)
+
+
+def occupancy(held: Iterable[Held]) -> int:
+    """Physical GPUs the leases of one node hold: active + max(spare, borrowed).
+
+    Opportunistic fill (``Borrowed``) lives inside other runs' spare GPUs, so it only takes room of
+    its own where it outgrows them.
+    """
+    active = spare = borrowed = 0
+    for gpus, role in held:
+        if role is _ACTIVE:
+            active += gpus
+        elif role is _SPARE:
+            spare += gpus
+        else:
+            borrowed += gpus
+    return active + max(spare, borrowed)
+
+
 def node_free(node: Node, used: int) -> int:
     """GPUs a node can take for new work: none unless schedulable, never negative."""
     if not node.schedulable:
@@ -119,8 +153,8 @@ class _Domain:
     """One (flavor, domain) cell: its nodes, their open leases and the free GPUs they offer."""
 
     nodes: Mapping[str, Node]
-    leases: Mapping[str, Mapping[str, int]]
-    """Node name → open lease name → GPUs."""
+    leases: Mapping[str, Mapping[str, Held]]
+    """Node name → open lease name → (GPUs, role)."""
     used: Mapping[str, int]
     ordered: tuple[Node, ...]
     """Nodes sorted by name: the stable order every consumer iterates in."""
@@ -128,8 +162,8 @@ class _Domain:
     free: int
 
 
-def _make_domain(nodes: Mapping[str, Node], leases: Mapping[str, Mapping[str, int]]) -> _Domain:
-    used = {name: sum(leases.get(name, _EMPTY).values()) for name in nodes}
+def _make_domain(nodes: Mapping[str, Node], leases: Mapping[str, Mapping[str, Held]]) -> _Domain:
+    used = {name: occupancy(held.values()) if (held := leases.get(name)) else 0 for name in nodes}
     ordered = tuple(nodes[name] for name in sorted(nodes))
     free_by_node = {n.name: node_free(n, used[n.name]) for n in ordered}
     kept = {k: MappingProxyType(dict(v)) for k, v in leases.items() if v and k in nodes}
@@ -140,6 +174,34 @@ def _make_domain(nodes: Mapping[str, Node], leases: Mapping[str, Mapping[str, in
         ordered=ordered,
         free_by_node=MappingProxyType(free_by_node),
         free=sum(free_by_node.values()),
+    )
+
+
+def _update_domain(cell: _Domain, edits: Mapping[str, Mapping[str, Held]]) -> _Domain:
+    """``cell`` with the open leases of a few of its nodes replaced (``edits``: node → leases).
+
+    Only the edited nodes are recounted; everything else is shared with ``cell``, so applying a
+    bind costs what it touches, not the size of the domain.
+    """
+    leases = dict(cell.leases)
+    used = dict(cell.used)
+    free_by_node = dict(cell.free_by_node)
+    free = cell.free
+    for name, held in edits.items():
+        if held:
+            leases[name] = MappingProxyType(dict(held))
+        else:
+            leases.pop(name, None)
+        used[name] = occupancy(held.values())
+        before, free_by_node[name] = free_by_node[name], node_free(cell.nodes[name], used[name])
+        free += free_by_node[name] - before
+    return _Domain(
+        nodes=cell.nodes,
+        leases=MappingProxyType(leases),
+        used=MappingProxyType(used),
+        ordered=cell.ordered,
+        free_by_node=MappingProxyType(free_by_node),
+        free=free,
     )
 
 
@@ -161,7 +223,7 @@ class Topology:
         where: Mapping[str, _Loc],
         index: Mapping[str, Mapping[DomainKey, _Domain]],
         free: Mapping[str, Mapping[DomainKey, int]],
-        orphans: Mapping[str, Mapping[str, int]],
+        orphans: Mapping[str, Mapping[str, Held]],
     ) -> None:
         """Internal: use ``Topology.build`` or ``Topology.empty``."""
         self._where = where
@@ -182,10 +244,10 @@ class Topology:
         by_name: dict[str, Node] = {}
         for node in nodes:
             by_name[node.name] = node
-        lease_map: dict[str, dict[str, int]] = {}
+        lease_map: dict[str, dict[str, Held]] = {}
         for lease in leases:
             if lease.open:
-                lease_map.setdefault(lease.node, {})[lease.name] = lease.gpus
+                lease_map.setdefault(lease.node, {})[lease.name] = _held(lease)
         cells: dict[str, dict[DomainKey, dict[str, Node]]] = {}
         where: dict[str, _Loc] = {}
         for name, node in by_name.items():
@@ -232,7 +294,7 @@ class Topology:
         """GPUs held on the node by open leases (also for nodes not in the snapshot)."""
         cell = self._cell_of(name)
         if cell is None:
-            return sum(self._orphans.get(name, _EMPTY).values())
+            return occupancy(self._orphans.get(name, _EMPTY).values())
         return cell.used[name]
 
     def free(self, name: str) -> int:
@@ -240,8 +302,8 @@ class Topology:
         cell = self._cell_of(name)
         return 0 if cell is None else cell.free_by_node[name]
 
-    def leases_on(self, name: str) -> Mapping[str, int]:
-        """Open lease name → GPUs on the node."""
+    def leases_on(self, name: str) -> Mapping[str, Held]:
+        """Open lease name → (GPUs, role) on the node."""
         cell = self._cell_of(name)
         if cell is None:
             return self._orphans.get(name, _EMPTY)
@@ -262,7 +324,7 @@ class Topology:
     def free_in(self, flavor: str, domain: DomainKey) -> Mapping[str, int]:
         """Free GPUs per node of one domain (0 for unschedulable nodes): one lookup for pack."""
         cell = self._index.get(flavor, {}).get(domain)
-        return _EMPTY if cell is None else cell.free_by_node
+        return _NO_GPUS if cell is None else cell.free_by_node
 
     def domain_of(self, name: str) -> DomainKey | None:
         loc = self._where.get(name)
@@ -270,7 +332,7 @@ class Topology:
 
     def orphan_usage(self) -> Mapping[str, int]:
         """GPUs held by open leases on nodes this snapshot does not know (e.g. deleted nodes)."""
-        return MappingProxyType({n: sum(ls.values()) for n, ls in self._orphans.items()})
+        return MappingProxyType({n: occupancy(ls.values()) for n, ls in self._orphans.items()})
 
     # ----------------------------------------------------------------- updates
 
@@ -278,7 +340,7 @@ class Topology:
         self,
         changes: Mapping[_Loc, _Domain | None],
         where: Mapping[str, _Loc] | None = None,
-        orphans: Mapping[str, Mapping[str, int]] | None = None,
+        orphans: Mapping[str, Mapping[str, Held]] | None = None,
     ) -> Topology:
         """New snapshot with some cells replaced (``None`` drops an emptied cell)."""
         index = dict(self._index)
@@ -313,7 +375,7 @@ class Topology:
         old_loc = self._where.get(node.name)
         new_loc: _Loc = (node.flavor, node.domain)
         changes: dict[_Loc, _Domain | None] = {}
-        orphans: Mapping[str, Mapping[str, int]] | None = None
+        orphans: Mapping[str, Mapping[str, Held]] | None = None
         if old_loc is None:
             node_leases = self._orphans.get(node.name, _EMPTY)
             if node.name in self._orphans:
@@ -345,7 +407,7 @@ class Topology:
         if loc is None:
             return self
         cell = self._index[loc[0]][loc[1]]
-        orphans: Mapping[str, Mapping[str, int]] | None = None
+        orphans: Mapping[str, Mapping[str, Held]] | None = None
         if cell.leases.get(name):
             orphans = dict(self._orphans)
             orphans[name] = cell.leases[name]
@@ -372,8 +434,8 @@ class Topology:
         return self._apply((lease, False) for lease in leases)
 
     def _apply(self, changes: Iterable[tuple[Lease, bool]]) -> Topology:
-        cell_leases: dict[_Loc, dict[str, dict[str, int]]] = {}
-        orphan_edits: dict[str, dict[str, int]] = {}
+        cell_leases: dict[_Loc, dict[str, dict[str, Held]]] = {}
+        orphan_edits: dict[str, dict[str, Held]] = {}
         for lease, hold in changes:
             loc = self._where.get(lease.node)
             if loc is None:
@@ -381,21 +443,21 @@ class Topology:
                     orphan_edits[lease.node] = dict(self._orphans.get(lease.node, _EMPTY))
                 current = orphan_edits[lease.node]
             else:
-                if loc not in cell_leases:
+                edits = cell_leases.setdefault(loc, {})
+                if lease.node not in edits:
                     cell = self._index[loc[0]][loc[1]]
-                    cell_leases[loc] = {k: dict(v) for k, v in cell.leases.items()}
-                current = cell_leases[loc].setdefault(lease.node, {})
+                    edits[lease.node] = dict(cell.leases.get(lease.node, _EMPTY))
+                current = edits[lease.node]
             if hold:
-                current[lease.name] = lease.gpus
+                current[lease.name] = _held(lease)
             else:
                 current.pop(lease.name, None)
         if not cell_leases and not orphan_edits:
             return self
         changed: dict[_Loc, _Domain | None] = {}
-        for loc, leases in cell_leases.items():
-            cell = self._index[loc[0]][loc[1]]
-            changed[loc] = _make_domain(cell.nodes, leases)
-        orphans: Mapping[str, Mapping[str, int]] | None = None
+        for loc, edits in cell_leases.items():
+            changed[loc] = _update_domain(self._index[loc[0]][loc[1]], edits)
+        orphans: Mapping[str, Mapping[str, Held]] | None = None
         if orphan_edits:
             merged = dict(self._orphans)
             for name, ls in orphan_edits.items():

@@ -9,9 +9,13 @@ the node back afterwards, labelled and Ready, for the tests that follow.
   group): the failed rank's lease closes ``NodeFailure``, its group's spare closes ``Swap``, a new
   Active lease (reason ``Swap``, same group, rank and payer) starts on the spare's node and the
   rank's pod is recreated there with the same rank and world size. The Run keeps running.
-* Opportunistic fill (a Run on other Runs' spare GPUs, reclaimed by a swap) is not tested here:
-  the services do not place opportunistic Runs on spares yet (the engine's failure plan already
-  ends such fill ``ReclaimedBySpare``; see tests/unit/engine/test_failures.py).
+* **Opportunistic fill, reclaimed by a swap.** Two opportunistic Runs (``spec.opportunistic``)
+  are placed inside ``run-with-spares``' two spare nodes: one ``Borrowed`` lease each (reason
+  ``Fill``, on the spare's node, paid by their own envelope), their pods bound there, Running.
+  A rank under the checkpointed one's spare fails: its fill closes ``ReclaimedBySpare`` in the
+  swap's commit, and it is requeued (``status.restarts`` 1) onto free GPUs as an ordinary
+  placement, since the other spare is filled. A rank under the other fails likewise: that Run
+  declares no checkpoint, so it ends Failed with reason ``ReclaimedBySpare``.
 * **No spare.** A malleable Run loses the failed group (``NodeFailure`` on the failed node,
   ``Shrink`` for the group's other lease) and keeps running; a checkpointed fixed-width Run ends
   (``NodeFailure``/``Fail``) and is requeued from its checkpoint: ``status.restarts`` 1 and new
@@ -44,6 +48,7 @@ from .helpers import (
     run_status,
     setup_namespace,
     teardown,
+    wait_phase,
 )
 
 SPARES_RUN = "run-with-spares"
@@ -107,8 +112,15 @@ def _env(pod: dict[str, Any]) -> dict[str, str | None]:
     return {e["name"]: e.get("value") for c in pod["spec"]["containers"] for e in c.get("env", [])}
 
 
-def _started(stack: LocalStack, namespace: str, run: str, active: int, spare: int = 0) -> None:
-    """Running with ``active`` GPUs of Active leases and ``spare`` of Spare leases."""
+def _started(
+    stack: LocalStack,
+    namespace: str,
+    run: str,
+    active: int = 0,
+    spare: int = 0,
+    borrowed: int = 0,
+) -> None:
+    """Running with ``active``, ``spare`` and ``borrowed`` GPUs of leases of those roles."""
 
     def check() -> None:
         status = run_status(stack, namespace, run)
@@ -117,7 +129,8 @@ def _started(stack: LocalStack, namespace: str, run: str, active: int, spare: in
         held: dict[str, int] = {}
         for lease in live:
             held[_role(lease)] = held.get(_role(lease), 0) + lease["spec"]["slice"]["gpus"]
-        want = {"Active": active, **({"Spare": spare} if spare else {})}
+        roles = {"Active": active, "Spare": spare, "Borrowed": borrowed}
+        want = {role: gpus for role, gpus in roles.items() if gpus}
         assert held == want, f"{run} holds {held}, want {want}:\n{describe_leases(live)}"
 
     eventually(check, timeout=45)
@@ -148,15 +161,17 @@ def _swapped(
         new = [
             x
             for x in leases.values()
-            if is_open(x) and x["spec"]["reason"] == "Swap" and _role(x) == "Active"
+            if is_open(x)
+            and x["spec"]["reason"] == "Swap"
+            and _role(x) == "Active"
+            and _path(x) == _path(failed)
         ]
-        assert len(new) == 1, f"want one Active lease with reason Swap:\n{detail}"
+        assert len(new) == 1, f"want one Active lease with reason Swap for the rank:\n{detail}"
         return new[0]
 
     new: dict[str, Any] = eventually(check, timeout=30)
     detail = describe_leases([failed, spare, new])
     assert _node(new) == target, detail
-    assert _path(new) == _path(failed), detail
     assert new["spec"]["slice"]["gpus"] == failed["spec"]["slice"]["gpus"], detail
     for key in ("paidByBudget", "paidByEnvelope", "paidByOwner", "owner"):
         assert new["spec"].get(key) == failed["spec"].get(key), detail
@@ -209,6 +224,128 @@ def test_node_failure_swaps_the_rank_onto_its_spare(
 
 
 # ---------------------------------------------------------------------------- opportunistic fill
+
+
+def _fill(stack: LocalStack, namespace: str, run: str, spares: set[str]) -> dict[str, Any]:
+    """The opportunistic Run runs as fill on a spare: one Borrowed lease, its pod bound there."""
+    _started(stack, namespace, run, borrowed=8)
+    (lease,) = _open(stack, namespace, run)
+    detail = describe_leases([lease])
+    assert _node(lease) in spares, f"not on a spare node {sorted(spares)}:\n{detail}"
+    assert lease["spec"]["reason"] == "Fill", detail
+    assert lease["spec"]["owner"] == FILL_OWNER, detail
+    paid = (lease["spec"]["paidByBudget"], lease["spec"]["paidByEnvelope"])
+    assert paid == (FILL_BUDGET, "nv-a"), f"paid by {paid}, not its own envelope"
+
+    def bound() -> None:
+        (pod,) = run_pods(stack, namespace, run)
+        assert pod["spec"].get("nodeName") == _node(lease), pod["spec"].get("nodeName")
+        assert (pod.get("status") or {}).get("phase") == "Running", pod.get("status")
+        assert (_env(pod).get("RANK"), _env(pod).get("WORLD_SIZE")) == ("0", "1"), _env(pod)
+
+    eventually(bound, timeout=30)
+    assert (run_status(stack, namespace, run).get("width") or {}).get("allocated") == 8
+    return lease
+
+
+def _reclaim(
+    stack: LocalStack,
+    namespace: str,
+    failed: list[str],
+    fill: tuple[str, dict[str, Any]],
+    spare: dict[str, Any],
+) -> None:
+    """A rank of the group owning ``spare`` fails: the swap onto the spare reclaims the fill
+    (``(run, lease)``) in the same commit."""
+    group = _path(spare)[0]
+    ranks = [x for x in _open(stack, namespace, SPARES_RUN) if _role(x) == "Active"]
+    rank = min((x for x in ranks if _path(x)[0] == group), key=_path)
+    _fail(stack, failed, _node(rank))
+    _swapped(stack, namespace, rank, spare)
+    run, lease = fill
+    leases = {x["metadata"]["name"]: x for x in all_run_leases(stack, namespace, run)}
+    ended = leases[lease["metadata"]["name"]]
+    assert closure(ended) == "ReclaimedBySpare", describe_leases(list(leases.values()))
+
+    def pod_gone() -> None:
+        live = [
+            p for p in run_pods(stack, namespace, run) if not p["metadata"].get("deletionTimestamp")
+        ]
+        assert all(p["spec"].get("nodeName") != _node(lease) for p in live), "fill pod still there"
+
+    eventually(pod_gone, timeout=30)
+
+
+def test_opportunistic_fill_runs_on_spares_until_a_swap_reclaims_it(
+    clean: LocalStack, failed_nodes: list[str]
+) -> None:
+    stack = clean
+    namespace = "e2e-nodefail-fill"
+    setup_namespace(stack, namespace, f"org:ai:*,{FILL_OWNER}")
+    try:
+        apply_sample(stack, "budgets/budget-west-h100.yaml")
+        apply_yaml(stack, budget_manifest(FILL_BUDGET, FILL_OWNER, [envelope("nv-a", NV_A, 32)]))
+        _spares_run(stack, namespace)
+        spares = {_node(x): x for x in _open(stack, namespace, SPARES_RUN) if _role(x) == "Spare"}
+        assert len(spares) == 2, describe_leases(list(spares.values()))
+
+        # --- two opportunistic Runs fill the two spare nodes ----------------------------------
+        runtimes = {"sweep": {"checkpoint": "10m", "maxRestarts": 2}, "scratch": None}
+        fills: dict[str, dict[str, Any]] = {}
+        for run, runtime in runtimes.items():
+            extra = {"runtime": runtime} if runtime else {}
+            apply_yaml(
+                stack,
+                run_manifest(
+                    run,
+                    namespace,
+                    FILL_OWNER,
+                    8,
+                    group_gpus=8,
+                    selector=NV_A,
+                    opportunistic=True,
+                    **extra,
+                ),
+            )
+            fills[run] = _fill(stack, namespace, run, set(spares))
+        assert _node(fills["sweep"]) != _node(fills["scratch"]), "two fills on one spare"
+
+        # --- a swap reclaims the checkpointed fill: requeued, now on free GPUs ----------------
+        _reclaim(
+            stack, namespace, failed_nodes, ("sweep", fills["sweep"]), spares[_node(fills["sweep"])]
+        )
+
+        def requeued() -> None:
+            status = run_status(stack, namespace, "sweep")
+            assert status.get("restarts") == 1, f"sweep: {json.dumps(status)}"
+            cond = condition(status, "Requeued")
+            assert cond is not None and cond["status"] == "True", status
+            assert cond["reason"] == "ReclaimedBySpare", cond
+
+        eventually(requeued, timeout=45)
+        # The other spare is filled already, so the new attempt is an ordinary placement.
+        _started(stack, namespace, "sweep", active=8)
+        (again,) = _open(stack, namespace, "sweep")
+        assert again["spec"]["reason"] == "Start", describe_leases([again])
+        assert _node(again) not in {*spares, *failed_nodes}, describe_leases([again])
+
+        # --- a swap reclaims the fill without a checkpoint: the Run fails -------------------
+        _reclaim(
+            stack,
+            namespace,
+            failed_nodes,
+            ("scratch", fills["scratch"]),
+            spares[_node(fills["scratch"])],
+        )
+        status = wait_phase(stack, namespace, "scratch", "Failed", timeout=45)
+        cond = condition(status, "Failed")
+        assert cond is not None and cond["reason"] == "ReclaimedBySpare", status
+        assert status.get("restarts", 0) == 0, status
+    finally:
+        teardown(stack, namespace, ("west-h100", FILL_BUDGET))
+
+
+# ---------------------------------------------------------------------------- no spare
 
 
 def test_without_a_spare_a_malleable_run_shrinks_and_a_fixed_run_is_requeued(

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,14 @@ def sample(metric: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
-def request(name: str, gpus: int, *, group: int | None = 8) -> RunRequest:
+def request(
+    name: str,
+    gpus: int,
+    *,
+    group: int | None = 8,
+    region: str = "pack-r",
+    opportunistic: bool = False,
+) -> RunRequest:
     return RunRequest(
         key=("pk", name),
         uid=f"uid-{name}",
@@ -88,12 +96,14 @@ def request(name: str, gpus: int, *, group: int | None = 8) -> RunRequest:
         flavor=FLAVOR,
         total_gpus=gpus,
         group_gpus=group,
-        selector={"region": "pack-r"},
+        selector={"region": region},
+        opportunistic=opportunistic,
     )
 
 
 def plan_request(run: RunRequest, own_claim: str | None = None) -> PlanRequest:
-    funding = Funding(offers=(Offer(ENVELOPE, run.total_gpus, FundingKind.OWNED),))
+    envelope = replace(ENVELOPE, selector=dict(run.selector))
+    funding = Funding(offers=(Offer(envelope, run.total_gpus, FundingKind.OWNED),))
     return PlanRequest(
         run=RunRef(namespace=run.key[0], name=run.key[1], uid=run.uid, generation=1),
         request=run,
@@ -102,17 +112,25 @@ def plan_request(run: RunRequest, own_claim: str | None = None) -> PlanRequest:
     )
 
 
-def hold(kube: ControlPlane, name: str, node: str, gpus: int = 8) -> None:
+def hold(
+    kube: ControlPlane,
+    name: str,
+    node: str,
+    gpus: int = 8,
+    *,
+    role: Role = Role.ACTIVE,
+    run: str = "holder",
+) -> None:
     """An open Lease of another run on ``node`` (as the binder would have written it)."""
     intent = LeaseIntent(
         name=name,
-        run=("pk", "holder"),
+        run=("pk", run),
         owner=OWNER,
         node=node,
         gpus=gpus,
-        role=Role.ACTIVE,
+        role=role,
         group=0,
-        rank=0,
+        rank=-1 if role is Role.SPARE else 0,
         envelope="pk-budget/main",
         payer_owner=OWNER,
         funding=FundingKind.OWNED,
@@ -121,7 +139,7 @@ def hold(kube: ControlPlane, name: str, node: str, gpus: int = 8) -> None:
         expected_end=None,
         comp_path=("GROUP[0]", "RANK[0]"),
     )
-    body = lease_manifest(intent, run_uid="uid-holder", gen=1)
+    body = lease_manifest(intent, run_uid=f"uid-{run}", gen=1)
     kube.kubectl("apply", "-f", "-", input=json.dumps(body))
 
 
@@ -250,6 +268,34 @@ async def test_plan_counts_open_leases_and_protects_reservations(
     # The reservation's own activation may use the promised GPUs.
     assert (await ask(client, plan_request(request("c", 24), own_claim="pk-resv"))).fits
     crds.kubectl("delete", f"reservations.{GROUP}", "-n", namespace, "pk-resv")
+
+
+async def test_an_opportunistic_run_is_planned_into_spares_before_free_gpus(
+    crds: ControlPlane, client: ServiceRuntime
+) -> None:
+    spare_node, free_node = add_nodes(crds, "pack-fill", 2, **{**LABELS, "region": "fill-r"})
+    hold(crds, "pk-fill-spare", spare_node, role=Role.SPARE)
+    sweep = request("sweep", 8, region="fill-r", opportunistic=True)
+    before = sample("jobtree_packer_plans_total", result="fill")
+
+    async def placed(run: RunRequest, role: Role, node: str) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            reply = await ask(client, plan_request(run))
+            assert reply.placement is not None, reply.message
+            got = [(s.node, s.role, s.rank) for s in reply.placement.slices]
+            if got == [(node, role, 0)]:
+                return
+            assert time.monotonic() < deadline, f"{run.key[1]} placed {got}"
+            await asyncio.sleep(0.1)
+
+    # The spare's GPUs are the fill's ranks; the free node stays for ordinary Runs.
+    await placed(sweep, Role.BORROWED, spare_node)
+    assert sample("jobtree_packer_plans_total", result="fill") >= before + 1
+    await placed(request("plain", 8, region="fill-r"), Role.ACTIVE, free_node)
+    # Once the spare is filled, the next opportunistic Run falls back to free GPUs.
+    hold(crds, "pk-fill-sweep", spare_node, role=Role.BORROWED, run="sweep")
+    await placed(request("sweep-2", 8, region="fill-r", opportunistic=True), Role.ACTIVE, free_node)
 
 
 # --------------------------------------------------------------------------- node health

@@ -237,6 +237,29 @@ def test_fill_lives_inside_spare_gpus() -> None:
     )
 
 
+def test_fill_goes_only_into_unfilled_spares_of_other_runs() -> None:
+    spare = held("s", "n1", 8, role=Role.SPARE)
+    first = held("f-old", "n1", 6, role=Role.BORROWED, run=("ns", "sweep"))
+    fill = intent("f0", "n1", 4, role=Role.BORROWED, envelope="b/f")
+    result = rejected(plan_commit(commit([fill]), state([spare, first])))
+    assert result.reason is ConflictReason.FILL_ROOM
+    assert result.text == (
+        "FillRoom: node n1 has 2 unfilled spare GPUs of other runs; the commit borrows 4"
+    )
+    assert isinstance(
+        plan_commit(commit([replace(fill, gpus=2)]), state([spare, first])), CommitPlan
+    )
+    reclaimed = commit([fill], ends=[("f-old", "ReclaimedBySpare")])
+    assert isinstance(plan_commit(reclaimed, state([spare, first])), CommitPlan)
+
+
+def test_fill_never_sits_in_its_own_runs_spares_or_on_free_gpus() -> None:
+    own = held("s", "n1", 8, role=Role.SPARE, run=RUN)
+    fill = intent("f0", "n1", 4, role=Role.BORROWED, envelope="b/f", rank=0)
+    assert rejected(plan_commit(commit([fill]), state([own]))).reason is ConflictReason.FILL_ROOM
+    assert rejected(plan_commit(commit([fill]), state())).reason is ConflictReason.FILL_ROOM
+
+
 # --------------------------------------------------------------------------- budgets
 
 
