@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+from datetime import timedelta
 
 from services.binder.service import BinderOptions, serve
 from shared.bus import ServiceConfig, configure_logging, service_args
@@ -47,6 +48,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         help="lifecycle re-check period: walltime resolution ($JOBTREE_BINDER_TICK_SECONDS)",
     )
     parser.add_argument(
+        "--missing-pod-grace-seconds",
+        type=float,
+        default=float(_flag("JOBTREE_MISSING_POD_GRACE_SECONDS", "30")),
+        help="a running rank without its pod this long fails the gang "
+        "($JOBTREE_MISSING_POD_GRACE_SECONDS)",
+    )
+    parser.add_argument(
+        "--commit-concurrency",
+        type=int,
+        default=int(_flag("JOBTREE_BINDER_COMMIT_CONCURRENCY", "8")),
+        help="commits of different Runs written at once ($JOBTREE_BINDER_COMMIT_CONCURRENCY)",
+    )
+    parser.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
         default=_truthy(_flag("JOBTREE_LEADER_ELECT", "false")),
@@ -72,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         gpu_resource=ns.gpu_resource,
         hold_image=ns.hold_image,
         tick_seconds=ns.tick_seconds,
+        commit_concurrency=max(1, ns.commit_concurrency),
+        missing_pod_grace=timedelta(seconds=ns.missing_pod_grace_seconds),
         leader_elect=ns.leader_elect,
         leader_namespace=ns.leader_namespace,
         leader_lease_seconds=ns.leader_lease_seconds,

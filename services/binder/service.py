@@ -3,8 +3,10 @@
 It answers ``COMMIT`` by re-checking the proposal against its own watch caches plus the commits
 it wrote but has not seen back yet (``shared.control.commit_check``), then applying it in a
 fixed order — lease ends (and the pods they free), the Run's headless Service, new Leases, their
-Pods — and publishing one ``LEDGER`` event per lease opened or closed. Commits are serialised by
-one lock: the check and the writes of one commit never interleave with another's.
+Pods — and publishing one ``LEDGER`` event per lease opened or closed. Checks are serialised by
+one lock, and a commit's new Leases count against capacity from the moment it is accepted, so the
+writes of commits for different Runs overlap (``--commit-concurrency``) without ever overbooking;
+commits touching the same Run (its own, or ending its leases) take turns.
 
 It also ends gangs on its own (``shared.control.lifecycle``): on Pod and Run events and on a
 periodic tick (walltime) it closes leases Completed, Fail, TimeLimit or Canceled through the same
@@ -25,9 +27,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -66,7 +68,7 @@ from shared.control.commit_check import (
     pod_changes,
     same_incarnation,
 )
-from shared.control.lifecycle import Outcome, PodView, RunView, decide
+from shared.control.lifecycle import MISSING_GRACE, Outcome, PodView, RunView, decide
 from shared.engine.bindplan import LeaseIntent, PodIntent
 from shared.engine.model import Lease, Role, RunKey
 from shared.engine.state import ClusterState, Settings
@@ -108,6 +110,10 @@ class BinderOptions:
     hold_image: str = HOLD_IMAGE
     tick_seconds: float = 1.0
     """Lifecycle re-evaluation period (walltime limits are checked at least this often)."""
+    missing_pod_grace: timedelta = MISSING_GRACE
+    """How long a running rank may have no pod before its gang closes ``Fail``."""
+    commit_concurrency: int = 8
+    """Commits handled at once; those touching the same Run still take turns."""
     leader_elect: bool = False
     leader_namespace: str = "default"
     leader_lease_seconds: float = 15.0
@@ -203,30 +209,80 @@ def _raise_first(results: Iterable[object]) -> None:
 
 
 def rank_clash(plan: CommitPlan) -> str | None:
-    """A new working lease for a rank that another open lease keeps on another node.
+    """A new working lease for a rank that another open lease already keeps running.
 
     A rank is one pod on one node. A proposal numbered on a view that missed some of the Run's
-    Leases (a grow planned before another proposer's bind showed up) would otherwise start a
-    second incarnation of a live rank and replace its pod. Only ranks the commit starts are
-    checked; a swap ends the old lease in the same commit, so it never clashes.
+    Leases (a grow planned before another proposer's bind showed up, or a start re-planned after
+    a timed-out commit went through after all) would otherwise start a second incarnation of a
+    live rank: on another node it would replace that rank's pod, on the same node it would hold
+    the GPUs twice. Only ranks the commit starts are checked, against open leases the commit
+    neither names nor ends (a swap ends the old lease in the same commit, so it never clashes).
     """
+    mine = {i.name for i in plan.creates} | set(plan.existing)
     new = {(i.run, i.rank) for i in plan.creates if i.rank >= 0 and i.role is not Role.SPARE}
-    nodes: dict[tuple[RunKey, int], set[str]] = {}
+    held: dict[tuple[RunKey, int], set[str]] = {}
     for lease in plan.open_after:
         key = (lease.run, lease.rank)
-        if key in new and lease.role is not Role.SPARE:
-            nodes.setdefault(key, set()).add(lease.node)
-    for (run, rank), held in sorted(nodes.items()):
-        if len(held) > 1:
-            return (
-                f"rank {rank} of {run[0]}/{run[1]} would run on {len(held)} nodes "
-                f"({', '.join(sorted(held))}); the proposal missed the Run's current Leases"
-            )
-    return None
+        if key in new and lease.role is not Role.SPARE and lease.name not in mine:
+            held.setdefault(key, set()).add(lease.node)
+    if not held:
+        return None
+    (run, rank), nodes = min(held.items())
+    return (
+        f"rank {rank} of {run[0]}/{run[1]} already runs on {', '.join(sorted(nodes))}; "
+        "the proposal missed the Run's current Leases"
+    )
 
 
 class CommitFailed(Exception):
     """The API server failed part-way through applying a commit (re-sending completes it)."""
+
+
+class RunTurns:
+    """One commit at a time per Run; commits of disjoint Runs go ahead side by side.
+
+    A commit takes the turns of every Run it touches (the committing Run and the owners of the
+    leases it ends), in sorted order so two commits never wait on each other.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[RunKey, tuple[asyncio.Lock, int]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, keys: Iterable[RunKey]) -> AsyncIterator[None]:
+        wanted = sorted(set(keys))
+        for key in wanted:
+            lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        self._idle.clear()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for key in wanted:
+                    await stack.enter_async_context(self._locks[key][0])
+                yield
+        finally:
+            for key in wanted:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+            if not self._locks:
+                self._idle.set()
+
+    def busy(self) -> frozenset[RunKey]:
+        """Runs with a commit in progress or waiting."""
+        return frozenset(self._locks)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no commit is in progress; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------- the service
@@ -249,6 +305,8 @@ class Binder:
         self.pods = Informer(api, PODS, label_selector=LABEL_RUN)
         self._inflight = Inflight()
         self._lock = asyncio.Lock()
+        """Held while a commit is checked (and its new leases counted), never while writing."""
+        self._turns = RunTurns()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -282,25 +340,22 @@ class Binder:
             self._tasks.append(asyncio.create_task(self.elector.run(), name="binder-election"))
             await self.elector.leading.wait()
         await self.replay_journal()
-        self.runtime.endpoint(COMMIT, self.commit)
+        self.runtime.endpoint(COMMIT, self.commit, concurrency=self.options.commit_concurrency)
         self._tasks.append(asyncio.create_task(self._lifecycle_loop(), name="binder-lifecycle"))
         self.runtime.set_ready(True)
         metrics.LEADER.set(1)
         log.info("binder serving commits")
 
     async def stop(self) -> None:
-        """Finish the commit in progress, stop the loops and caches, then the runtime."""
+        """Finish the commits in progress, stop the loops and caches, then the runtime."""
         self.runtime.set_ready(False)
-        locked = False
-        with contextlib.suppress(TimeoutError):
-            locked = await asyncio.wait_for(self._lock.acquire(), 10.0)
         self._stopping = True  # later commits are refused: nothing may start a write now
+        if not await self._turns.wait_idle(10.0):
+            log.warning("stopping with commits still being written; the journal completes them")
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if locked:
-            self._lock.release()
         if self.elector is not None:
             await self.elector.release()
         self.pods.stop()
@@ -321,12 +376,21 @@ class Binder:
                 metrics.COMMITS.labels("rejected").inc()
                 metrics.CONFLICTS.labels("NotLeader").inc()
                 return CommitReply(ok=False, conflict="NotLeader: this binder is not the writer")
-            async with self._lock:
+            async with self._turns.turn(self._touched(req)):
                 if self._stopping:
                     return self._reject(req, "ShuttingDown", "the binder is stopping; re-send")
-                return await self._commit_locked(req)
+                return await self._commit_one(req)
         finally:
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+
+    def _touched(self, req: CommitRequest) -> set[RunKey]:
+        """The Runs a commit writes for: its own and those whose leases it ends."""
+        runs = {req.run.key}
+        for end in req.ends:
+            lease = self.cache.lease(end.name) or self._inflight.opened.get(end.name)
+            if lease is not None:
+                runs.add(lease.run)
+        return runs
 
     def _snapshot(self, now: datetime) -> ClusterState:
         state = self.cache.snapshot(now, self.options.settings)
@@ -356,17 +420,40 @@ class Binder:
         )
         return CommitReply(ok=False, conflict=conflict)
 
-    async def _commit_locked(self, req: CommitRequest) -> CommitReply:
+    async def _commit_one(self, req: CommitRequest) -> CommitReply:
+        """Check under the lock (counting the new leases at once), then write without it."""
         now = utcnow()
-        state = self._snapshot(now)
-        plan = plan_commit(req, state, self._inflight)
-        if isinstance(plan, Rejection):
-            return self._reject(req, plan)
-        clash = rank_clash(plan)
-        if clash is not None:
-            return self._reject(req, Rejection(ConflictReason.INVALID, clash))
-        pod_states = self._pod_states()
-        changes = pod_changes(plan, pod_states)
+        async with self._lock:
+            state = self._snapshot(now)
+            plan = plan_commit(req, state, self._inflight)
+            if isinstance(plan, Rejection):
+                return self._reject(req, plan)
+            clash = rank_clash(plan)
+            if clash is not None:
+                return self._reject(req, Rejection(ConflictReason.INVALID, clash))
+            pod_states = self._pod_states()
+            changes = pod_changes(plan, pod_states)
+            counted = [intent_lease(intent) for intent in plan.creates]
+            if counted:
+                self._inflight = self._inflight.with_commit(counted, [])
+        created: set[str] = set()
+        try:
+            return await self._write_commit(req, plan, changes, pod_states, now, created)
+        finally:
+            self._inflight = self._inflight.forget(
+                lease.name for lease in counted if lease.name not in created
+            )
+
+    async def _write_commit(
+        self,
+        req: CommitRequest,
+        plan: CommitPlan,
+        changes: PodChanges,
+        pod_states: Mapping[PodKey, PodState],
+        now: datetime,
+        created: set[str],
+    ) -> CommitReply:
+        """The I/O of an accepted commit; ``created`` collects the leases it wrote."""
         run_obj: Obj | None = None
         leases: list[dict[str, Any]] = []
         pods: dict[str, dict[str, Any]] = {}
@@ -392,7 +479,9 @@ class Binder:
                 journaled = await self._journal_record(req)
                 if journaled is not None:
                     return journaled
-            wrote = await self._apply(plan, changes, pod_states, now, run_obj, leases, pods)
+            wrote = await self._apply(
+                plan, changes, pod_states, now, run_obj, leases, pods, created
+            )
         except (KubeError, CommitFailed) as exc:
             metrics.COMMITS.labels("error").inc()
             log.warning("commit failed", extra={"key": req.key, "error": str(exc)})
@@ -453,8 +542,11 @@ class Binder:
             return 0
         completed = 0
         for req in pending:
-            async with self._lock:
-                reply = await self._commit_locked(req)
+            if self._stopping:
+                self._replay_due = True
+                break
+            async with self._turns.turn(self._touched(req)):
+                reply = await self._commit_one(req)
             failures = self._replay_failures.pop(req.key, 0)
             if reply.ok:
                 completed += 1
@@ -502,6 +594,7 @@ class Binder:
         run_obj: Obj | None,
         leases: list[dict[str, Any]],
         pods: dict[str, dict[str, Any]],
+        created: set[str],
     ) -> bool:
         """Write the commit: ends, freed pods, Service, Leases, Pods. True if anything changed.
 
@@ -557,6 +650,7 @@ class Binder:
         ]
         if opened:
             self._inflight = self._inflight.with_commit(opened, [])
+            created.update(record.name for record in opened)
             wrote = True
         for _ in opened:
             metrics.LEASES.labels("opened", "").inc()
@@ -762,14 +856,15 @@ class Binder:
         async with self._lock:
             state = self._snapshot(now)
             known = ledger_view(state, self._inflight)
+            busy = self._turns.busy()  # half-written: seen again on the next pass
         by_run: dict[RunKey, list[Lease]] = {}
         for lease in known.values():
-            if lease.open:
+            if lease.open and lease.run not in busy:
                 by_run.setdefault(lease.run, []).append(lease)
         pods_by_run: dict[RunKey, list[PodView]] = {}
         for obj in self.pods.items.values():
             key = pod_run(obj)
-            if key is not None:
+            if key is not None and key not in busy:
                 pods_by_run.setdefault(key, []).append(pod_view(obj))
         done: list[tuple[RunKey, Outcome]] = []
         for key in sorted(by_run.keys() | pods_by_run.keys()):
@@ -780,7 +875,7 @@ class Binder:
             view = await self._run_view(key, confirm=True)
             if not leases and view.present and not view.deleting:
                 continue
-            outcome = decide(leases, pods, view, now)
+            outcome = decide(leases, pods, view, now, self.options.missing_pod_grace)
             if outcome.idle:
                 continue
             await self._finish(key, outcome)
@@ -816,8 +911,10 @@ class Binder:
                 ends=[LeaseEnd(name=name, closure=c) for name, c in outcome.ends],
                 reason=f"Lifecycle:{closure}",
             )
-            async with self._lock:
-                reply = await self._commit_locked(req)
+            if self._stopping:
+                return
+            async with self._turns.turn(self._touched(req)):
+                reply = await self._commit_one(req)
             if not reply.ok:
                 log.warning("lifecycle commit failed", extra={"run": key, "error": reply.conflict})
                 return

@@ -123,6 +123,16 @@ class BusError(Exception):
         self.message = message
 
 
+class Refused(Exception):
+    """Raised by a handler to decline a well-formed request with a typed answer: the caller gets
+    ``BusError(code, message)`` — not a handler failure, so no traceback and no error count."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+
+
 class ServiceRuntime:
     """NATS connection, typed endpoints and subscriptions, probes and metrics of one service."""
 
@@ -154,6 +164,8 @@ class ServiceRuntime:
         self._problems: list[str] = []
         self._registering: set[asyncio.Task[None]] = set()
         self._pullers: list[asyncio.Task[None]] = []
+        self._handling: set[asyncio.Task[None]] = set()
+        """Requests being handled by concurrent endpoints (finished before NATS drains)."""
         self._subs: list[Any] = []
         self._stopped = asyncio.Event()
         # the global provider's tracer: a no-op until configure_tracing() installs one
@@ -265,6 +277,8 @@ class ServiceRuntime:
         if self._micro is not None:
             with contextlib.suppress(Exception):
                 await self._micro.stop()
+        if self._handling:
+            await asyncio.wait(set(self._handling), timeout=_DRAIN_TIMEOUT)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -349,17 +363,34 @@ class ServiceRuntime:
         task.add_done_callback(self._registering.discard)
 
     def endpoint(
-        self, subject: Subject[Req, Rep], handler: Callable[[Req], Awaitable[Rep]]
+        self,
+        subject: Subject[Req, Rep],
+        handler: Callable[[Req], Awaitable[Rep]],
+        *,
+        concurrency: int = 1,
     ) -> None:
-        """Serve ``subject`` requests with ``handler`` (a ``nats.micro`` endpoint, queue group)."""
+        """Serve ``subject`` requests with ``handler`` (a ``nats.micro`` endpoint, queue group).
+
+        A NATS subscription hands its messages over one at a time, so by default requests are
+        handled in arrival order, one after the other. ``concurrency`` > 1 lets that many
+        handlers run at once (the handler then does its own locking); when all are busy the
+        subscription waits, so a burst queues in NATS instead of in memory.
+        """
         if subject.reply is None:
             raise ValueError(f"{subject.name} is an event: use subscribe()")
         if subject.is_wildcard:
             raise ValueError(f"cannot serve wildcard subject {subject.name}")
-        self._register(f"endpoint {subject.name}", lambda: self._add_endpoint(subject, handler))
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self._register(
+            f"endpoint {subject.name}", lambda: self._add_endpoint(subject, handler, concurrency)
+        )
 
     async def _add_endpoint(
-        self, subject: Subject[Req, Rep], handler: Callable[[Req], Awaitable[Rep]]
+        self,
+        subject: Subject[Req, Rep],
+        handler: Callable[[Req], Awaitable[Rep]],
+        concurrency: int,
     ) -> None:
         reply_type = subject.reply
         assert reply_type is not None
@@ -384,10 +415,33 @@ class ServiceRuntime:
         await self._micro.add_endpoint(
             name=subject.endpoint_name,
             subject=subject.name,
-            handler=serve,
+            handler=serve if concurrency == 1 else self._dispatcher(serve, concurrency),
             metadata={"request": subject.request.__name__, "reply": reply_type.__name__},
         )
         log.debug("endpoint registered", extra={"subject": subject.name})
+
+    def _dispatcher(
+        self, serve: Callable[[Any], Awaitable[None]], concurrency: int
+    ) -> Callable[[Any], Awaitable[None]]:
+        """A micro handler that runs ``serve`` in its own task, ``concurrency`` at a time."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def answer(req: Any) -> None:
+            try:
+                await serve(req)
+            except ServiceError as error:  # micro cannot see it from here: answer it ourselves
+                with contextlib.suppress(Exception):
+                    await req.respond_error(error.code, error.description)
+            finally:
+                gate.release()
+
+        async def dispatch(req: Any) -> None:
+            await gate.acquire()
+            task = asyncio.get_running_loop().create_task(answer(req))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+
+        return dispatch
 
     async def _serve_one(
         self,
@@ -410,6 +464,12 @@ class ServiceRuntime:
                     f"handler returned {type(reply).__name__}, expected {reply_type.__name__}"
                 )
             body = encode(reply)
+        except Refused as exc:
+            log.info(
+                "request refused",
+                extra={"subject": subject.name, "code": exc.code, "detail": exc.message},
+            )
+            return ServiceError(exc.code, exc.message)
         except Exception as exc:
             HANDLER_ERRORS.labels(self.name, subject.name).inc()
             log.exception("handler failed", extra={"subject": subject.name})

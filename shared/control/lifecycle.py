@@ -7,6 +7,8 @@ whether the gang is over and why:
   ``Canceled`` and every pod goes; the leases stay (they are the ledger);
 * every active rank's pod Succeeded → every open lease closes ``Completed``;
 * any active rank's pod Failed → the gang is broken: every open lease closes ``Fail``;
+* an active rank's pod is gone (deleted or evicted by someone else) for longer than
+  ``MISSING_GRACE`` after its lease started → the gang is broken just the same: ``Fail``;
 * ``now`` ≥ the earliest open lease start + ``maxDuration`` → ``TimeLimit``.
 
 The first rule that applies wins, in that order: a gang whose pods all succeeded completed even
@@ -31,6 +33,9 @@ from shared.engine.model import Closure, Lease, Role
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 TERMINAL = frozenset({SUCCEEDED, FAILED})
+MISSING_GRACE = timedelta(seconds=30)
+"""How long a rank may have no pod before the gang counts as broken: the binder creates the pod
+right after the lease, so only a pod cache far behind could show a younger rank without one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +115,11 @@ def _end_all(
 
 
 def decide(
-    leases: Sequence[Lease], pods: Sequence[PodView], run: RunView, now: datetime
+    leases: Sequence[Lease],
+    pods: Sequence[PodView],
+    run: RunView,
+    now: datetime,
+    missing_grace: timedelta = MISSING_GRACE,
 ) -> Outcome:
     """The leases of one Run to close, and its pods to delete, at ``now``.
 
@@ -136,6 +145,13 @@ def decide(
     failed = sorted(p.rank for p in mine if p.phase == FAILED and p.rank in ranks)
     if failed:
         return _end_all(Closure.FAIL, open_leases, running, f"rank {failed[0]} failed")
+    gone = sorted(
+        le.rank
+        for le in _working(open_leases)
+        if le.rank not in phase_of and now - le.start >= missing_grace
+    )
+    if gone:
+        return _end_all(Closure.FAIL, open_leases, running, f"the pod of rank {gone[0]} is gone")
     limit = deadline(open_leases, run)
     if limit is not None and now >= limit:
         return _end_all(Closure.TIME_LIMIT, open_leases, running, f"walltime ended at {limit}")

@@ -244,6 +244,57 @@ async def test_handler_exception_becomes_bus_error(runtime: Factory) -> None:
     assert (await client.request(subject, RUN)).ok
 
 
+async def test_concurrent_endpoint_overlaps_requests_up_to_its_limit(runtime: Factory) -> None:
+    """Three requests that each wait for the others complete only if they are handled at once;
+    the fourth waits for a free slot; a failing one is still answered with its error."""
+    subject = echo_subject()
+    inside = 0
+    most = 0
+    all_in = asyncio.Event()
+
+    async def handle(ref: RunRef) -> CommitReply:
+        nonlocal inside, most
+        if ref.generation == 13:
+            raise RuntimeError("unlucky generation")
+        inside += 1
+        most = max(most, inside)
+        if inside == 3:
+            all_in.set()
+        await all_in.wait()
+        inside -= 1
+        return CommitReply(ok=True, created=[str(ref.generation)])
+
+    await runtime(f"wide{uid()}", lambda rt: rt.endpoint(subject, handle, concurrency=3))
+    client = await runtime(f"cli{uid()}")
+    replies = await asyncio.gather(
+        *(client.request(subject, RunRef("ns", "r", "u", g), timeout=5.0) for g in range(4))
+    )
+    assert sorted(r.created[0] for r in replies) == ["0", "1", "2", "3"]
+    assert most == 3
+    with pytest.raises(BusError) as err:
+        await client.request(subject, RunRef("ns", "r", "u", 13), timeout=5.0)
+    assert err.value.code == "500" and "unlucky generation" in err.value.message
+
+
+async def test_serial_endpoint_handles_one_request_at_a_time(runtime: Factory) -> None:
+    subject = echo_subject()
+    inside = 0
+    most = 0
+
+    async def handle(ref: RunRef) -> CommitReply:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+        return CommitReply(ok=True)
+
+    await runtime(f"narrow{uid()}", lambda rt: rt.endpoint(subject, handle))
+    client = await runtime(f"cli{uid()}")
+    await asyncio.gather(*(client.request(subject, RUN, timeout=5.0) for _ in range(4)))
+    assert most == 1
+
+
 async def test_wrong_reply_type_is_an_error(runtime: Factory) -> None:
     subject = echo_subject()
 
@@ -277,6 +328,8 @@ async def test_misuse_is_refused_early(runtime: Factory) -> None:
     rt = await runtime(f"misuse{uid()}")
     with pytest.raises(ValueError, match="use subscribe"):
         rt.endpoint(LEDGER, _never)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        rt.endpoint(echo_subject(), _never, concurrency=0)
     with pytest.raises(ValueError, match="no durable consumer"):
         rt.subscribe(RUN_CHANGED, _never, durable="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="use request"):

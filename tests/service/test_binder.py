@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,8 @@ async def binder(
 ) -> AsyncIterator[Binder]:
     api = await make_client(str(crds.kubeconfig))
     runtime = ServiceRuntime("binder", nats_url=nats_server.url)
-    service = Binder(runtime, api, BinderOptions(tick_seconds=0.2))
+    options = BinderOptions(tick_seconds=0.2, missing_pod_grace=timedelta(seconds=5))
+    service = Binder(runtime, api, options)
     await asyncio.wait_for(service.start(), 60)
     try:
         yield service
@@ -413,6 +414,28 @@ async def test_one_failed_pod_fails_the_whole_gang(
 
     await eventually(survivor_deleted)
     assert pods  # both pods were running before the failure
+
+
+async def test_a_rank_whose_pod_was_deleted_fails_the_gang(
+    crds: ControlPlane, namespace: str, fleet: list[str], client: ServiceRuntime
+) -> None:
+    """Someone deletes a running rank's pod: the gang cannot go on, so once the grace passes
+    (5 s in this module) its leases close ``Fail`` instead of holding the GPUs forever."""
+    run = create_run(crds, namespace, "orphaned", 8)
+    reply = await send(client, commit_of(run, plan(run, [(fleet[2], 8)])))
+    assert reply.ok, reply.conflict
+
+    def running() -> None:
+        pods = run_pods(crds, namespace, "orphaned")
+        assert [p["status"].get("phase") for p in pods] == ["Running"]
+
+    await eventually(running)
+    crds.kubectl("delete", "pod", "-n", namespace, "orphaned-g0-r0", "--wait=false")
+
+    def failed() -> None:
+        assert closures(run_leases(crds, namespace, "orphaned")) == {"Fail"}
+
+    await eventually(failed, timeout=40)
 
 
 async def test_a_requeued_gang_replaces_its_terminated_pods(
@@ -685,9 +708,15 @@ async def test_with_leader_election_only_one_binder_writes_and_a_standby_takes_o
     try:
         await wait_ready(first, first_port, tmp_path / "a.log")
         second, second_port = spawn_binder(crds, nats_server, tmp_path / "b.log", *flags)
-        await asyncio.sleep(2.0)
+        probe = f"http://127.0.0.1:{second_port}/readyz"
+        deadline = time.monotonic() + 30
+        while (status := await asyncio.to_thread(_status, probe)) == 0:  # still starting up
+            assert second.poll() is None, (tmp_path / "b.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "b.log").read_text()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # a standby stays unready once it has seen the Lease held
         assert second.poll() is None, (tmp_path / "b.log").read_text()
-        assert _status(f"http://127.0.0.1:{second_port}/readyz") == 503  # standby
+        assert status == 503 and _status(probe) == 503  # standby
         holder = get_json(crds, "leases.coordination.k8s.io", "-n", namespace, "jobtree-binder")
         assert holder["spec"]["holderIdentity"]
         first.send_signal(signal.SIGTERM)  # a clean stop hands the Lease over at once

@@ -10,6 +10,7 @@ real ``Binder`` starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -54,7 +55,7 @@ def replays(result: str) -> float:
 
 @pytest.fixture(scope="module")
 def fleet(crds: ControlPlane, namespace: str) -> list[str]:
-    names = add_nodes(crds, "jrnl", 6, **LABELS, **{"gpu.flavor": "H100-80GB"})
+    names = add_nodes(crds, "jrnl", 9, **LABELS, **{"gpu.flavor": "H100-80GB"})
     budget = {
         "apiVersion": f"{GROUP}/v1",
         "kind": "Budget",
@@ -66,7 +67,7 @@ def fleet(crds: ControlPlane, namespace: str) -> list[str]:
                     "name": "main",
                     "flavor": "H100-80GB",
                     "selector": {"region": "jrnl-r"},
-                    "concurrency": 48,
+                    "concurrency": 96,
                 }
             ],
         },
@@ -225,13 +226,56 @@ async def test_a_commit_starting_a_live_rank_on_another_node_is_rejected(
         run = create_run(crds, namespace, "ranks", 24)
         start, _ = commit_for(run, fleet[3:5])
         assert (await client.request(COMMIT, start, timeout=30)).ok
-        stale_grow, _ = commit_for(run, fleet[5:], first_rank=1, reason=LeaseReason.GROW)
+        stale_grow, _ = commit_for(run, fleet[5:6], first_rank=1, reason=LeaseReason.GROW)
         reply = await client.request(COMMIT, stale_grow, timeout=30)
         assert not reply.ok and reply.conflict.startswith("Invalid: rank 1 "), reply
         assert pods_of(crds, namespace, "ranks") == {"0": fleet[3], "1": fleet[4]}
-        grow, _ = commit_for(run, fleet[5:], first_rank=2, reason=LeaseReason.GROW)
+        grow, _ = commit_for(run, fleet[5:6], first_rank=2, reason=LeaseReason.GROW)
         assert (await client.request(COMMIT, grow, timeout=30)).ok
         assert pods_of(crds, namespace, "ranks") == {"0": fleet[3], "1": fleet[4], "2": fleet[5]}
+    finally:
+        await client.stop()
+        await binder.stop()
+        await api.close()
+
+
+async def test_commits_written_side_by_side_never_overbook_a_node(
+    crds: ControlPlane, nats_server: NatsServer, namespace: str, fleet: list[str]
+) -> None:
+    """Commits for different Runs are written concurrently, but each is checked against the
+    ones accepted before it: of three Runs racing for one node exactly one gets it, while Runs
+    on other nodes all bind."""
+    api = await make_client(str(crds.kubeconfig))
+    binder = Binder(
+        ServiceRuntime("binder", nats_url=nats_server.url),
+        api,
+        BinderOptions(tick_seconds=0.2, commit_concurrency=8),
+    )
+    client = ServiceRuntime("overlap-test-client", nats_url=nats_server.url)
+    try:
+        await binder.start()
+        await client.start()
+        apart = [create_run(crds, namespace, f"apart{i}", 8) for i in range(2)]
+        racing = [create_run(crds, namespace, f"race{i}", 8) for i in range(3)]
+        commits = [commit_for(run, [fleet[6 + i]])[0] for i, run in enumerate(apart)]
+        commits += [commit_for(run, [fleet[8]])[0] for run in racing]
+        replies = await asyncio.gather(
+            *(client.request(COMMIT, commit, timeout=30) for commit in commits)
+        )
+        assert all(reply.ok for reply in replies[:2]), replies
+        won = [reply for reply in replies[2:] if reply.ok]
+        lost = [reply for reply in replies[2:] if not reply.ok]
+        assert len(won) == 1, replies
+        assert all(r.conflict.startswith("NodeCapacity: ") for r in lost), lost
+        held = [
+            lease
+            for run in (*apart, *racing)
+            for lease in leases_of(crds, namespace, run["metadata"]["name"])
+            if lease["spec"]["slice"]["nodes"] == [fleet[8]]
+        ]
+        assert len(held) == 1, held
+        for i, run in enumerate(apart):
+            assert pods_of(crds, namespace, run["metadata"]["name"]) == {"0": fleet[6 + i]}
     finally:
         await client.stop()
         await binder.stop()

@@ -220,7 +220,10 @@ async def services(
 ) -> AsyncIterator[Resolver]:
     """The real binder and the resolver, in-process."""
     api = await make_client(str(crds.kubeconfig))
-    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, BinderOptions())
+    # The holders' Leases are written directly, without pods: the binder must not end them
+    # as gangs whose pods are gone.
+    options = BinderOptions(missing_pod_grace=timedelta(days=365))
+    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, options)
     resolver = Resolver(
         ServiceRuntime("resolver", nats_url=nats_server.url),
         api,

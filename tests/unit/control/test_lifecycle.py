@@ -87,7 +87,7 @@ def test_walltime_closes_time_limit_from_the_earliest_open_start() -> None:
 
 def test_no_max_duration_means_no_deadline() -> None:
     assert deadline(GANG, LIVE) is None
-    assert decide(GANG, [pod(0, "Running")], LIVE, T0 + 1000 * H).idle
+    assert decide(GANG, [pod(0, "Running"), pod(1, "Running")], LIVE, T0 + 1000 * H).idle
 
 
 def test_completion_and_failure_outrank_the_walltime() -> None:
@@ -140,3 +140,20 @@ def test_pods_of_an_earlier_incarnation_do_not_count() -> None:
 def test_spares_alone_are_not_a_gang_to_complete() -> None:
     spares = (lease("s0", -1, role=Role.SPARE),)
     assert decide(spares, [], LIVE, T0).idle
+
+
+def test_a_rank_whose_pod_is_gone_past_the_grace_fails_the_gang() -> None:
+    survivors = [pod(0, "Running")]
+    assert decide(GANG, survivors, LIVE, T0 + timedelta(seconds=29)).idle  # pod still coming
+    out = decide(GANG, survivors, LIVE, T0 + timedelta(seconds=30))
+    assert out.closure is Closure.FAIL
+    assert "the pod of rank 1 is gone" in out.message
+    assert out.delete_pods == ("train-g0-r0",)
+
+
+def test_a_gone_pod_is_judged_by_its_own_leases_start() -> None:
+    grown = (*GANG, lease("l2", 2, start=T0 + H))
+    pods = [pod(0, "Running"), pod(1, "Running")]
+    assert decide(grown, pods, LIVE, T0 + H + timedelta(seconds=5)).idle
+    out = decide(grown, pods, LIVE, T0 + H + timedelta(seconds=31))
+    assert out.closure is Closure.FAIL and "rank 2" in out.message
