@@ -33,6 +33,7 @@ from shared.bus import (
     PLAN,
     RESERVE,
     RUN_CHANGED,
+    UNRESERVABLE,
     BusError,
     CommitRequest,
     LeaseEnd,
@@ -598,8 +599,8 @@ class AdmissionService:
         await self._write(key, obj, rs.pending_status(facts, reason, message), hours_matter=True)
         self._back_off(key, gen)
 
-    def _back_off(self, key: RunKey, generation: int) -> None:
-        delay = self.config.backoff_seconds
+    def _back_off(self, key: RunKey, generation: int, delay: float | None = None) -> None:
+        delay = self.config.backoff_seconds if delay is None else delay
         self._backoff[key] = (generation, time.monotonic() + delay)
         self.queue.add_after(key, delay)
 
@@ -696,6 +697,12 @@ class AdmissionService:
                 RESERVE, request, timeout=self.config.reserve_timeout
             )
         except BusError as exc:
+            if exc.code == UNRESERVABLE:  # a typed answer: nothing to wait for until nodes join
+                reason = exc.message.partition(":")[0] or blocked.reason
+                status = rs.pending_status(facts, reason, exc.message)
+                await self._write(key, obj, status, hours_matter=True)
+                self._back_off(key, facts.generation, 6 * self.config.backoff_seconds)
+                return
             note = f"{message} (forecast unavailable: {exc.code} {exc.message})"
             status = rs.pending_status(facts, blocked.reason, message, condition_message=note)
             await self._write(key, obj, status, hours_matter=True)

@@ -3,7 +3,8 @@
 * ``RESERVE`` (from admission): snapshot the cache, run the engine forecast for the blocked Run,
   create its Reservation (deterministic name, immutable spec: intended slice, paying envelope,
   earliestStart, claim size) and apply the status (Pending, typed reason, forecast block) under
-  the field manager ``jobtree-forecast``. A Run that already has a live Reservation gets it back.
+  the field manager ``jobtree-forecast``. A Run that already has a live Reservation gets it back;
+  one whose location holds no node of its flavor is refused with a typed ``NoNodesInScope``.
 * A timer (``--tick-seconds``) walks every Reservation (``shared.control.reservations.next_step``):
   fresh countdowns; administrator Reservations get a status and their Run recorded on first
   sight; a Reservation whose Run was deleted or changed spec is Canceled; at earliestStart the
@@ -36,9 +37,11 @@ from shared.bus import (
     ACTIVATE,
     LEDGER,
     RESERVE,
+    UNRESERVABLE,
     ActivateRequest,
     BusError,
     LedgerEvent,
+    Refused,
     ReserveReply,
     ReserveRequest,
     RunRef,
@@ -48,7 +51,7 @@ from shared.bus import (
 from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
-from shared.engine.forecast import forecast
+from shared.engine.forecast import forecast, request_scope
 from shared.engine.model import RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
@@ -59,6 +62,9 @@ from shared.kube.resources import RESERVATIONS, RUNS
 from shared.kube.translate import rfc3339
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_REUSE = timedelta(seconds=1)
+"""How long a snapshot serves later requests while the cache version stays the same."""
 
 FIELD_MANAGER = rv.FORECAST_MANAGER
 
@@ -95,6 +101,10 @@ class Forecaster:
             api, gpu_resource=self.options.gpu_resource, namespace=self.options.namespace
         )
         self._lock = asyncio.Lock()
+        self._snapshot: tuple[int, ClusterState] | None = None
+        self._parsed: dict[str, tuple[str, rv.ReservationView]] = {}
+        self._risk_sent: dict[RunKey, tuple[str, dict[str, Any]]] = {}
+        self._next_round = 0.0
         self._wake = asyncio.Event()
         self._activating: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,7 +157,19 @@ class Forecaster:
         self._wake.set()
 
     def snapshot(self, now: datetime) -> ClusterState:
-        return self.cache.snapshot(now, self.options.settings)
+        """The engine's view, shared by the requests of a burst while the cache is unchanged.
+
+        Rebuilding it replays the whole ledger; one taken under the same cache version less than
+        ``SNAPSHOT_REUSE`` ago differs only by that instant's GPU-hours.
+        """
+        version = self.cache.version
+        if self._snapshot is not None:
+            seen, state = self._snapshot
+            if seen == version and timedelta(0) <= now - state.now < SNAPSHOT_REUSE:
+                return state
+        state = self.cache.snapshot(now, self.options.settings)
+        self._snapshot = (version, state)
+        return state
 
     # ------------------------------------------------------------------ RESERVE
 
@@ -161,16 +183,30 @@ class Forecaster:
             metrics.FORECAST_LATENCY.observe(time.perf_counter() - started)
 
     def _views(self) -> list[rv.ReservationView]:
+        """Every valid Reservation, each parsed once per resourceVersion (a burst re-reads all
+        of them on every request)."""
         views = []
+        parsed: dict[str, tuple[str, rv.ReservationView]] = {}
         for obj in self.cache.reservation_objects():
-            key = f"{_meta(obj).get('namespace')}/{_meta(obj).get('name')}"
+            meta = _meta(obj)
+            key = f"{meta.get('namespace')}/{meta.get('name')}"
+            version = str(meta.get("resourceVersion") or "")
+            known = self._parsed.get(key)
+            if known is not None and version and known[0] == version:
+                parsed[key] = known
+                views.append(known[1])
+                continue
             try:
-                views.append(rv.read_reservation(obj))
+                view = rv.read_reservation(obj)
                 self._bad.pop(key, None)
             except ValueError as exc:
                 if self._bad.get(key) != str(exc):
                     log.warning("reservation ignored", extra={"key": key, "error": str(exc)})
                 self._bad[key] = str(exc)
+                continue
+            parsed[key] = (version, view)
+            views.append(view)
+        self._parsed = parsed
         return views
 
     async def _live_for(self, run: RunRef, now: datetime) -> rv.ReservationView | None:
@@ -206,6 +242,10 @@ class Forecaster:
                 earliest_start=live.earliest_start,
                 confidence=str(confidence or ""),
             )
+        why = rv.unreservable(request_scope(req.request, state), req.request.selector)
+        if why is not None:
+            log.info("run not reservable", extra={"run": rv.run_label(req.run.key), "why": why})
+            raise Refused(UNRESERVABLE, why)
         blocked = Blocked(req.stage, req.reason, req.message, req.shortfall)
         fc = forecast(req.request, state, blocked)
         taken = [v.name for v in self._views() if v.namespace == req.run.namespace]
@@ -235,8 +275,7 @@ class Forecaster:
                 "conflictSet": [rv.run_label(k) for k in fc.remedies.conflict_set],
             },
         )
-        await self._reconcile_risk(now, extra=[rv.read_reservation(obj)])
-        self._wake.set()
+        self._wake.set()  # the timer marks the conflict set: once for a whole burst
         return ReserveReply(
             reservation=name,
             earliest_start=view.earliest_start,
@@ -250,16 +289,24 @@ class Forecaster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.options.tick_seconds)
             self._wake.clear()
+            periodic = time.monotonic() >= self._next_round
+            if periodic:
+                self._next_round = time.monotonic() + self.options.tick_seconds
             try:
                 async with self._lock:
-                    await self.tick(utcnow())
+                    await self.tick(utcnow(), periodic=periodic)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("forecast tick failed")
 
-    async def tick(self, now: datetime) -> None:
-        """One pass over every Reservation, then the AtRisk marks and the gauges."""
+    async def tick(self, now: datetime, *, periodic: bool) -> None:
+        """One pass over every Reservation, then the AtRisk marks and the gauges.
+
+        Passes woken by events (every write of a burst wakes the timer) only take the steps
+        that change a state; countdowns and AtRisk marks, which every new Reservation moves,
+        are written on the periodic pass, once per ``--tick-seconds``.
+        """
         views = self._views()
         refresh = self._stale_forecasts and (
             time.monotonic() - self._last_refresh >= self.options.refresh_seconds
@@ -280,7 +327,8 @@ class Forecaster:
                     state = state or self.snapshot(now)
                     view = await self._initialise(view, state, now)
                     step = rv.next_step(view, facts, now, retry_after=retry)
-                await self._act(view, step, now)
+                if periodic or step is not rv.Step.REFRESH:
+                    await self._act(view, step, now)
             except KubeError as exc:
                 log.warning(
                     "reservation update failed",
@@ -290,7 +338,8 @@ class Forecaster:
                 log.exception(
                     "reservation step failed", extra={"reservation": view.key, "step": step.value}
                 )
-        await self._reconcile_risk(now)
+        if periodic:
+            await self._reconcile_risk(now)
         self._gauges(self._views(), now)
 
     @staticmethod
@@ -436,36 +485,46 @@ class Forecaster:
 
     # ------------------------------------------------------------------ AtRisk
 
-    async def _reconcile_risk(
-        self, now: datetime, extra: list[rv.ReservationView] | None = None
-    ) -> None:
+    async def _reconcile_risk(self, now: datetime) -> None:
         """Bring every Run's AtRisk condition in line with the live Reservations."""
-        views = {v.key: v for v in self._views()}
-        for view in extra or ():
-            views[view.key] = view
-        current = rv.risks(views.values())
+        current = rv.risks(self._views())
         runs: dict[RunKey, Obj] = {}
         for obj in self.cache.objects("runs").values():
             meta = _meta(obj)
             key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
             if key in current or (rv.condition_of(obj) or {}).get("status") == "True":
                 runs[key] = obj
-        plan = rv.risk_plan(current, runs, now)
-        for key, condition in plan.mark.items():
-            await self._run_conditions(key, [condition])
-        for key, condition in plan.clear.items():
-            await self._run_conditions(key, [condition])
+        plan = rv.risk_plan(current, runs, now, self._unseen_marks())
+        for key, condition in [*plan.mark.items(), *plan.clear.items()]:
+            await self._run_condition(key, condition)
         metrics.AT_RISK.set(len([k for k in current if k in runs]))
 
-    async def _run_conditions(self, key: RunKey, conditions: list[dict[str, Any]]) -> None:
-        body: dict[str, Any] = {"conditions": conditions}
+    def _unseen_marks(self) -> dict[RunKey, dict[str, Any]]:
+        """AtRisk conditions written to Runs (same incarnation) the cache does not show yet."""
+        unseen: dict[RunKey, dict[str, Any]] = {}
+        for key, (uid, condition) in list(self._risk_sent.items()):
+            obj = self.cache.run_object(key)
+            if (
+                obj is None
+                or _run_ref(obj).uid != uid
+                or rv.same_mark(rv.condition_of(obj), condition)
+            ):
+                del self._risk_sent[key]
+            else:
+                unseen[key] = condition
+        return unseen
+
+    async def _run_condition(self, key: RunKey, condition: dict[str, Any]) -> None:
+        body: dict[str, Any] = {"conditions": [condition]}
         try:
-            await writer.patch_status(
+            obj = await writer.patch_status(
                 self.api, RUNS, key[1], body, namespace=key[0], field_manager=FIELD_MANAGER
             )
         except KubeError as exc:
             if exc.status != 404:
                 log.warning("AtRisk update failed: %s", exc, extra={"run": rv.run_label(key)})
+            return
+        self._risk_sent[key] = (_run_ref(obj).uid, condition)
 
     # ------------------------------------------------------------------ gauges
 

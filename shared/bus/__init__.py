@@ -25,7 +25,7 @@ from shared.bus.messages import (
     decode,
     encode,
 )
-from shared.bus.runtime import BusError, ServiceRuntime
+from shared.bus.runtime import BusError, Refused, ServiceRuntime
 from shared.bus.subjects import (
     ACTIVATE,
     CATALOG,
@@ -36,6 +36,7 @@ from shared.bus.subjects import (
     PLAN,
     RESERVE,
     RUN_CHANGED,
+    UNRESERVABLE,
     Subject,
     deadletter_of,
     deadletter_subject,
@@ -51,6 +52,7 @@ __all__ = [
     "PLAN",
     "RESERVE",
     "RUN_CHANGED",
+    "UNRESERVABLE",
     "ActivateReply",
     "ActivateRequest",
     "BusError",
@@ -63,6 +65,7 @@ __all__ = [
     "NodeFailed",
     "PlanReply",
     "PlanRequest",
+    "Refused",
     "ReserveReply",
     "ReserveRequest",
     "RunChanged",

@@ -93,6 +93,10 @@ RESERVE: Subject[ReserveRequest, ReserveReply] = Subject(
     doc="Cover or pack failed now: create/refresh the Run's Reservation and compute its ETA.",
 )
 
+UNRESERVABLE = "422"
+"""``RESERVE`` error code: no Reservation can serve this Run (e.g. its scope holds no node); the
+error message is the typed reason (``NoNodesInScope: …``) to show on the Run."""
+
 ACTIVATE: Subject[ActivateRequest, ActivateReply] = Subject(
     f"{PREFIX}.resolver.activate",
     ActivateRequest,

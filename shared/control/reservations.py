@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from shared.api import GROUP, Reservation, ReservationState
@@ -161,6 +162,27 @@ def read_reservation(obj: Mapping[str, Any]) -> ReservationView:
 
 def _domain_map(domain: DomainKey) -> dict[str, str]:
     return dict(zip(DOMAIN_LABELS, domain, strict=True))
+
+
+NO_NODES_IN_SCOPE = "NoNodesInScope"
+
+
+def unreservable(scope: Scope, requested: Mapping[str, str] | None = None) -> str | None:
+    """Why no Reservation can be made in ``scope`` (typed), or None.
+
+    A location with no node of the flavor has nothing to protect and no instant at which the Run
+    could start; answering that plainly lets the Run say which selector finds no nodes: the
+    Run's own ``requested`` selector when it has one (it may name labels below the domain, such
+    as ``rack``), else the location the scope was derived from.
+    """
+    if scope.nodes is None or scope.nodes:
+        return None
+    selector = dict(requested) if requested else _selector_of(scope)
+    where = ", ".join(f"{key}={value}" for key, value in selector.items()) or "any location"
+    return (
+        f"{NO_NODES_IN_SCOPE}: no node of gpuType {scope.flavor} matches selector {{{where}}}; "
+        "nothing to reserve until such nodes join"
+    )
 
 
 def intended_slice(forecast: Forecast, topology: Topology) -> tuple[DomainKey, tuple[str, ...]]:
@@ -595,10 +617,22 @@ class RiskPlan:
     """Runs marked True that no live Reservation backs any more: their False condition."""
 
 
+def same_mark(have: Mapping[str, Any] | None, want: Mapping[str, Any]) -> bool:
+    """Whether condition ``have`` already says what ``want`` says (its time aside)."""
+    return have is not None and all(have.get(k) == want[k] for k in ("status", "reason", "message"))
+
+
 def risk_plan(
-    current: Mapping[RunKey, Risk], runs: Mapping[RunKey, Mapping[str, Any]], now: datetime
+    current: Mapping[RunKey, Risk],
+    runs: Mapping[RunKey, Mapping[str, Any]],
+    now: datetime,
+    sent: Mapping[RunKey, Mapping[str, Any]] = MappingProxyType({}),
 ) -> RiskPlan:
-    """Mark Runs whose condition differs from ``current``; clear marks no longer backed."""
+    """Mark Runs whose condition differs from ``current``; clear marks no longer backed.
+
+    ``sent`` holds the conditions already applied that the watch cache may not show yet: they
+    are not applied again (a burst of Reservations would otherwise re-patch the same marks).
+    """
     mark: dict[RunKey, dict[str, Any]] = {}
     for key, risk in current.items():
         obj = runs.get(key)
@@ -606,12 +640,14 @@ def risk_plan(
             continue
         previous = condition_of(obj)
         wanted = at_risk_condition(risk, now, previous)
-        if previous is None or any(previous.get(k) != v for k, v in wanted.items()):
+        if not (same_mark(previous, wanted) or same_mark(sent.get(key), wanted)):
             mark[key] = wanted
     clear = {
         key: cleared_condition(now)
         for key, obj in sorted(runs.items())
-        if key not in current and (condition_of(obj) or {}).get("status") == "True"
+        if key not in current
+        and (condition_of(obj) or {}).get("status") == "True"
+        and (sent.get(key) or {}).get("status") != "False"
     }
     return RiskPlan(mark, clear)
 

@@ -11,13 +11,15 @@ Rules, in the order :func:`assess` applies them:
 2. A Run with open Leases is Running; ``width`` and ``funding`` come from the live Leases.
 3. A Run whose current attempt ended (it has Leases, none open) ends by the closures of the
    Leases closed last (:func:`attempt_outcome`): all Completed → Completed; a failure
-   (Fail, TimeLimit, NodeFailure, RandomPreempt(…), ReclaimedBySpare) → back to Pending with
-   ``restarts + 1`` when the Run declares a checkpoint and restarts remain, else Failed with that
-   reason; Canceled → nothing (the Run is being deleted).
+   (Fail, TimeLimit, NodeFailure, RandomPreempt(…), ReclaimedBySpare; a specific one over the
+   ``Fail`` its gang-mates close with) → back to Pending with ``restarts + 1`` when the Run
+   declares a checkpoint and restarts remain, else Failed with that reason; Canceled → nothing
+   (the Run is being deleted).
 4. Tenancy: a namespace not authorised for the owner fails the Run (``Unauthorized``).
 5. ``after``: an upstream Failed → Failed (``UpstreamFailed``); upstreams not all Completed →
    Pending with condition ``WaitingForUpstream``.
-6. A live (Pending/Active) Reservation for the Run → Reserved, with its name and earliest start.
+6. A live (Pending/Active) Reservation for the Run → Reserved, with its name and earliest start;
+   the message keeps the typed cover/pack reason that caused it.
 7. Grace: a Run just bound whose Leases the cache does not show yet, or just reserved whose
    Reservation it does not show yet, is left alone for ``grace`` (no double start).
 8. Otherwise admission tries to start it (cover, PLAN, COMMIT; blocked → RESERVE).
@@ -260,7 +262,10 @@ def attempt_outcome(leases: Sequence[Lease]) -> Ended | None:
         return Ended("Canceled", Closure.CANCELED.value, names)
     failures = [c for c in closures if reason_token(c) in FAILURE_CLOSURES]
     if failures:
-        return Ended(FAILED, failures[0], names)
+        # A member ended for cause (NodeFailure, RandomPreempt, …) takes its gang-mates down
+        # with plain ``Fail`` in the same commit: the specific closure is the cause.
+        specific = [c for c in failures if c != Closure.FAIL.value]
+        return Ended(FAILED, (specific or failures)[0], names)
     if Closure.COMPLETED.value in closures:
         return Ended(COMPLETED, Closure.COMPLETED.value, names)
     odd = next((c for c in closures if c), "Unknown")
@@ -458,12 +463,33 @@ def completed_status(facts: Facts) -> dict[str, Any]:
     return _finish(facts, status, conds, message=message, funding=funding)
 
 
-def _reserved_reason(facts: Facts) -> tuple[str, str]:
-    """The typed reason and message a Reserved Run keeps showing."""
+def _typed_reason(message: str) -> str | None:
+    """The reason a typed message (``NoFit: …``) starts with; None for untyped text."""
+    head, sep, _ = message.partition(":")
+    return head if sep and head.isidentifier() and head != RESERVED else None
+
+
+def _reserved_reason(facts: Facts, resv: LiveReservation) -> tuple[str, str]:
+    """The typed cover/pack reason and message a Reserved Run shows, so ``kubectl`` says why.
+
+    The Run's own typed message while it names this Reservation; else the Reservation's (the
+    forecaster records the blocked attempt's typed message verbatim); else the Run's blocked
+    attempt (RESERVE may time out after the forecaster made it); a placeholder only when none
+    is typed, and it gives way as soon as the Reservation's message is.
+    """
     old = condition(facts.status, SCHEDULED)
-    if old is not None and old.get("status") == "False" and old.get("reason"):
-        return str(old["reason"]), str(facts.status.get("message") or old.get("message") or "")
-    return RESERVED, ""
+    reason = str(old.get("reason") or "") if old and old.get("status") == "False" else ""
+    message = str(facts.status.get("message") or "")
+    blocked = reason != WAITING_FOR_UPSTREAM and _typed_reason(message) == reason
+    own = reason if blocked else None
+    if own is not None and facts.status.get("pendingReservation") == resv.name:
+        return own, message
+    theirs = _typed_reason(resv.message)
+    if theirs is not None:
+        return theirs, resv.message
+    if own is not None:
+        return own, message
+    return RESERVED, resv.message or f"Reserved: waiting for Reservation {resv.name}"
 
 
 def _since(cond: Mapping[str, Any] | None) -> datetime | None:
@@ -551,9 +577,7 @@ def assess(facts: Facts) -> Assessment:
 
     resv = facts.reservation
     if resv is not None:
-        reason, message = _reserved_reason(facts)
-        if facts.status.get("pendingReservation") != resv.name or not message:
-            message = resv.message or f"Reserved: waiting for Reservation {resv.name}"
+        reason, message = _reserved_reason(facts, resv)
         return Settle(
             reserved_status(
                 facts,

@@ -29,6 +29,7 @@ from shared.bus import (
     ACTIVATE,
     RESERVE,
     ActivateRequest,
+    BusError,
     ReserveReply,
     ReserveRequest,
     RunRef,
@@ -198,7 +199,10 @@ async def forecaster(
 ) -> AsyncIterator[Forecaster]:
     """The forecaster with a fast timer, the resolver and the real binder, in-process."""
     api = await make_client(str(crds.kubeconfig))
-    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, BinderOptions())
+    # The holders' Leases are written directly, without pods: the binder must not end them
+    # as gangs whose pods are gone.
+    options = BinderOptions(missing_pod_grace=timedelta(days=365))
+    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, options)
     resolver = Resolver(
         ServiceRuntime("resolver", nats_url=nats_server.url),
         api,
@@ -303,6 +307,37 @@ async def test_reserve_creates_a_reservation_with_a_walltime_eta_and_marks_risk(
     again = await reserve(client, wants)
     assert again.reservation == name and again.earliest_start == reply.earliest_start
     assert sample("jobtree_reservations_backlog_seconds") > 7000
+
+
+async def test_reserve_for_a_location_without_nodes_is_refused_with_a_typed_reason(
+    crds: ControlPlane, namespace: str, client: ServiceRuntime
+) -> None:
+    """No node matches the Run's selector: nothing can be reserved, and the answer says so in
+    words admission shows on the Run (not an internal error)."""
+    lost = make_run(crds, namespace, "lost", 8, locality={"selector": {"region": "nowhere"}})
+    errors_before = sample("jobtree_handler_errors_total", service="forecast", subject=RESERVE.name)
+    with pytest.raises(BusError) as refused:
+        await reserve(client, lost)
+    assert refused.value.code == "422", refused.value
+    assert refused.value.message == (
+        "NoNodesInScope: no node of gpuType H100-80GB matches selector {region=nowhere}; "
+        "nothing to reserve until such nodes join"
+    )
+    assert (
+        sample("jobtree_handler_errors_total", service="forecast", subject=RESERVE.name)
+        == errors_before
+    )
+    made = get_json(crds, RESERVATIONS, "-n", namespace)["items"]
+    assert [o for o in made if o["spec"]["runRef"]["name"] == "lost"] == []
+
+
+async def test_requests_of_a_burst_share_one_snapshot(forecaster: Forecaster) -> None:
+    """Rebuilding the engine view replays the whole ledger: RESERVEs of a burst on an unchanged
+    cache share one snapshot, a later instant gets a fresh one."""
+    now = datetime.now(UTC)
+    first = forecaster.snapshot(now)
+    assert forecaster.snapshot(now + timedelta(milliseconds=500)) is first
+    assert forecaster.snapshot(now + timedelta(seconds=2)) is not first
 
 
 def _below(obj: dict[str, Any], seconds: int) -> None:

@@ -19,6 +19,7 @@ from shared.control.reservations import (
     audit_record,
     cancel_reason,
     canceled_status,
+    cleared_condition,
     next_reservation_name,
     next_step,
     pending_status,
@@ -30,6 +31,7 @@ from shared.control.reservations import (
     risk_plan,
     risks,
     run_identity_metadata,
+    unreservable,
     waiting_status,
 )
 from shared.engine.admit import Blocked, try_start
@@ -45,6 +47,7 @@ from shared.engine.model import (
     Role,
     RunRequest,
 )
+from shared.engine.resolver import Scope
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import MissingLabels, node_from_labels
 from shared.kube.translate import ANNOTATION_GPUS, claim_record
@@ -329,6 +332,30 @@ def test_at_risk_marks_follow_pending_reservations() -> None:
     assert risk_plan({(NS, "a"): found[(NS, "a")]}, settled, T0).mark == {}
 
 
+def test_at_risk_marks_already_sent_are_not_sent_again_while_the_cache_lags() -> None:
+    """A burst of Reservations: the marks written a moment ago are not in the watch cache yet;
+    re-planning must not patch the same conditions again (only a changed one)."""
+    views = [view_of({"state": "Pending", "forecast": {
+        "conflictSet": ["team/a", "team/b"], "killProbability": {"team/a": 1.0, "team/b": 1.0}
+    }}, name="r1")]  # fmt: skip
+    found = risks(views)
+    stale_runs: dict[tuple[str, str], Any] = {(NS, "a"): {}, (NS, "b"): {}, (NS, "c"): {}}
+    first = risk_plan(found, stale_runs, T0)
+    assert set(first.mark) == {(NS, "a"), (NS, "b")}
+    later = T0 + timedelta(seconds=1)
+    sent = {(NS, "a"): first.mark[(NS, "a")]}
+    again = risk_plan(found, stale_runs, later, sent)
+    assert set(again.mark) == {(NS, "b")}
+    moved = risks([*views, view_of({"state": "Pending", "forecast": {
+        "conflictSet": ["team/a"], "killProbability": {"team/a": 0.5}
+    }}, name="r2")])  # fmt: skip
+    assert set(risk_plan(moved, stale_runs, later, sent).mark) == {(NS, "a"), (NS, "b")}
+    marked = {"status": {"conditions": [first.mark[(NS, "a")]]}}
+    cleared = {(NS, "a"): cleared_condition(later)}
+    assert risk_plan({}, {(NS, "a"): marked}, later, cleared).clear == {}
+    assert list(risk_plan({}, {(NS, "a"): marked}, later).clear) == [(NS, "a")]
+
+
 def test_audit_record_publishes_what_replays_the_lottery() -> None:
     state = state_with(dict.fromkeys(("a1", "a2", "a3", "a4")))
     want = request()
@@ -389,3 +416,15 @@ def test_waiting_and_preview_statuses_are_valid_reservation_statuses() -> None:
     for body in (waiting, seen):
         resv = parse_object(stored(manifest, body))
         assert isinstance(resv, Reservation) and resv.status is not None
+
+
+def test_a_scope_without_nodes_is_unreservable_and_names_the_runs_own_selector() -> None:
+    empty = Scope(flavor="H100-80GB", nodes=frozenset(), label="H100-80GB@us-west/gpu-a/nv-a")
+    why = unreservable(empty, {"region": "us-west", "rack": "r9"})
+    assert why is not None and why.startswith("NoNodesInScope: ")
+    assert "gpuType H100-80GB matches selector {region=us-west, rack=r9}" in why
+    derived = unreservable(empty)
+    assert derived is not None and "{region=us-west, cluster=gpu-a, fabric.domain=nv-a}" in derived
+    some = Scope(flavor="H100-80GB", nodes=frozenset({"n1"}), label="H100-80GB@*/*/*")
+    assert unreservable(some) is None
+    assert unreservable(Scope(flavor="H100-80GB", nodes=None, label="H100-80GB@*/*/*")) is None

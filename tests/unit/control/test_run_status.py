@@ -440,3 +440,46 @@ def test_may_grow_only_running_runs_below_desired() -> None:
     assert not rs.may_grow({"phase": "Completed", "width": {**width, "allocated": 0}})
     assert not rs.may_grow({"phase": "Running"})
     assert not rs.may_grow(None)
+
+
+def test_requeue_after_a_node_failure_names_the_node_failure_not_the_bystanders_fail() -> None:
+    """The failed node's Lease closes ``NodeFailure``, the rest of the gang ``Fail`` in the same
+    commit (and may sort first by name): the Run was requeued because of the node failure."""
+    req = request(checkpoint=timedelta(minutes=30), max_restarts=2)
+    leases = (
+        closed("a-g0-r0", "Fail", timedelta(minutes=20)),
+        closed("b-g0-r1", "NodeFailure", timedelta(minutes=20), rank=1),
+    )
+    ended = rs.attempt_outcome(leases)
+    assert ended is not None and ended.closure == "NodeFailure"
+    verdict = rs.assess(facts(req, status={"phase": "Running"}, leases=leases))
+    assert isinstance(verdict, rs.Settle)
+    status = verdict.status
+    assert status["message"] == "Requeued from checkpoint after NodeFailure (restart 1 of 2)"
+    assert cond(status, "Requeued")["reason"] == "NodeFailure"
+    assert "after Fail" not in cond(status, "Requeued")["message"]
+
+
+def test_reserved_run_keeps_the_typed_reason_of_the_blocked_attempt() -> None:
+    """RESERVE timed out (the Run stayed Pending with its typed reason) while the forecaster
+    still made the Reservation, whose status the cache does not show yet: the Run must not
+    trade its typed reason for a placeholder, and a placeholder never outlives a typed one."""
+    pending = rs.pending_status(
+        facts(),
+        "NoFit",
+        "NoFit: needs 16 GPUs; largest H100-80GB domain has 8 free GPUs",
+        condition_message="NoFit: … (forecast unavailable: 408 timeout)",
+    )
+    bare = rs.LiveReservation("train-r", T0 + timedelta(hours=5), "Pending")
+    first = rs.assess(facts(status=pending, reservation=bare))
+    assert isinstance(first, rs.Settle)
+    assert first.status["message"].startswith("NoFit: needs 16 GPUs")
+    assert cond(first.status, "Scheduled")["reason"] == "NoFit"
+    # A Run stuck on the placeholder takes the Reservation's typed message once it has one.
+    placeholder = rs.assess(facts(reservation=bare))
+    assert isinstance(placeholder, rs.Settle)
+    typed = dataclasses.replace(bare, message="NoFunding: envelope b/e has 0 GPUs free")
+    later = rs.assess(facts(status=placeholder.status, reservation=typed))
+    assert isinstance(later, rs.Settle)
+    assert later.status["message"] == "NoFunding: envelope b/e has 0 GPUs free"
+    assert cond(later.status, "Scheduled")["reason"] == "NoFunding"
