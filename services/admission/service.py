@@ -53,6 +53,7 @@ from shared.engine.admit import Blocked, widths
 from shared.engine.bindplan import BindIntent, bind_plan, to_leases
 from shared.engine.cover import CoverDenied, cover
 from shared.engine.elasticity import Grow, grow
+from shared.engine.fill import is_fill
 from shared.engine.model import Closure, CoverFailure, Lease, LeaseReason, RunKey, RunRequest
 from shared.engine.offers import Funding
 from shared.kube import BUDGETS, NAMESPACES, RUNS, KubeError, make_client
@@ -605,48 +606,62 @@ class AdmissionService:
         self.queue.add_after(key, delay)
 
     async def _attempt(self, request: RunRequest, facts: rs.Facts) -> _Attempt:
-        """Cover each width (widest first), PLAN it, COMMIT the first that fits."""
+        """Cover each width (widest first), PLAN it, COMMIT the first that fits.
+
+        An opportunistic Run that asks for spares is first tried without them: placed as fill
+        inside other Runs' spares it holds none of its own, so its envelopes need not pay for
+        them. If the packer answers that attempt with an ordinary placement instead, the Run is
+        planned again with its spares.
+        """
         settings = self.config.settings
         state = self.cache.snapshot(utcnow(), settings)
         ref = _run_ref(request, facts.generation)
         blocked: Blocked | None = None
         for width in widths(request):
             sized = dataclasses.replace(request, total_gpus=width)
-            funding = cover(
-                sized,
-                state.family,
-                state.usage,
-                now=state.now,
-                default_duration=settings.default_duration,
-            )
-            if isinstance(funding, CoverDenied):
-                if funding.reason is CoverFailure.INVALID_REQUEST:
-                    return _Invalid(funding.message)
-                blocked = Blocked("cover", funding.reason.value, funding.message, funding.shortfall)
-                continue
-            try:
-                reply = await self.runtime.request(
-                    PLAN,
-                    PlanRequest(run=ref, request=sized, funding=funding),
-                    timeout=self.config.plan_timeout,
+            shapes = [sized]
+            if sized.opportunistic and sized.spares_per_group:
+                shapes.insert(0, dataclasses.replace(sized, spares_per_group=0))
+            for shape in shapes:
+                funding = cover(
+                    shape,
+                    state.family,
+                    state.usage,
+                    now=state.now,
+                    default_duration=settings.default_duration,
                 )
-            except BusError as exc:
-                return _Unavailable(
-                    PACKER_UNAVAILABLE,
-                    f"{PACKER_UNAVAILABLE}: PLAN failed ({exc.code} {exc.message})",
+                if isinstance(funding, CoverDenied):
+                    if funding.reason is CoverFailure.INVALID_REQUEST:
+                        return _Invalid(funding.message)
+                    blocked = Blocked(
+                        "cover", funding.reason.value, funding.message, funding.shortfall
+                    )
+                    continue
+                try:
+                    reply = await self.runtime.request(
+                        PLAN,
+                        PlanRequest(run=ref, request=shape, funding=funding),
+                        timeout=self.config.plan_timeout,
+                    )
+                except BusError as exc:
+                    return _Unavailable(
+                        PACKER_UNAVAILABLE,
+                        f"{PACKER_UNAVAILABLE}: PLAN failed ({exc.code} {exc.message})",
+                    )
+                if reply.placement is None:
+                    blocked = Blocked("pack", reply.reason or "NoFit", reply.message, 1)
+                    continue
+                if shape is not sized and not is_fill(reply.placement):
+                    continue  # an ordinary placement: that one must hold the Run's spares
+                intent = bind_plan(
+                    shape,
+                    reply.placement,
+                    now=utcnow(),
+                    reason=LeaseReason.START,
+                    generation=facts.generation,
+                    attempt=facts.restarts,
                 )
-            if reply.placement is None:
-                blocked = Blocked("pack", reply.reason or "NoFit", reply.message, 1)
-                continue
-            intent = bind_plan(
-                sized,
-                reply.placement,
-                now=utcnow(),
-                reason=LeaseReason.START,
-                generation=facts.generation,
-                attempt=facts.restarts,
-            )
-            return await self._commit(ref, intent, reply.version, funding, "Start", width)
+                return await self._commit(ref, intent, reply.version, funding, "Start", width)
         assert blocked is not None
         return blocked
 

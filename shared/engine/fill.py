@@ -67,3 +67,8 @@ def as_fill(placement: Placement) -> Placement:
             for group in placement.groups
         )
     )
+
+
+def is_fill(placement: Placement) -> bool:
+    """Every slice of the placement rides in spares (``Borrowed``): it holds no spare itself."""
+    return bool(placement.groups) and all(s.role is Role.BORROWED for s in placement.slices)

@@ -284,7 +284,9 @@ def test_opportunistic_fill_runs_on_spares_until_a_swap_reclaims_it(
     setup_namespace(stack, namespace, f"org:ai:*,{FILL_OWNER}")
     try:
         apply_sample(stack, "budgets/budget-west-h100.yaml")
-        apply_yaml(stack, budget_manifest(FILL_BUDGET, FILL_OWNER, [envelope("nv-a", NV_A, 32)]))
+        # 16 GPUs at once: both fills, but not also a spare for "scratch", which asks for one
+        # (fill holds no spares, so admission funds it without).
+        apply_yaml(stack, budget_manifest(FILL_BUDGET, FILL_OWNER, [envelope("nv-a", NV_A, 16)]))
         _spares_run(stack, namespace)
         spares = {_node(x): x for x in _open(stack, namespace, SPARES_RUN) if _role(x) == "Spare"}
         assert len(spares) == 2, describe_leases(list(spares.values()))
@@ -293,7 +295,7 @@ def test_opportunistic_fill_runs_on_spares_until_a_swap_reclaims_it(
         runtimes = {"sweep": {"checkpoint": "10m", "maxRestarts": 2}, "scratch": None}
         fills: dict[str, dict[str, Any]] = {}
         for run, runtime in runtimes.items():
-            extra = {"runtime": runtime} if runtime else {}
+            extra: dict[str, Any] = {"runtime": runtime} if runtime else {"sparesPerGroup": 8}
             apply_yaml(
                 stack,
                 run_manifest(

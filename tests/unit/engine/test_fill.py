@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from shared.engine.bindplan import bind_plan, to_leases
 from shared.engine.failures import on_node_failure
-from shared.engine.fill import as_fill, fill_topology, spare_room
+from shared.engine.fill import as_fill, fill_topology, is_fill, spare_room
 from shared.engine.model import Closure, Lease, LeaseReason, Role, RunKey, RunRequest
 from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.topology import occupancy
@@ -113,6 +113,16 @@ def test_as_fill_keeps_spares_and_everything_but_the_role() -> None:
     assert [s.role for s in fill.slices] == [Role.BORROWED, Role.SPARE]
     assert replace(fill.slices[0], role=Role.ACTIVE) == p.slices[0]
     assert fill.slices[1] == p.slices[1]
+
+
+def test_only_a_placement_made_entirely_of_fill_is_fill() -> None:
+    nodes = domain_nodes("gpu-a", "nv-a", 2)
+    plain = placed(pack(run(total=8, group=8), topo(nodes), funding()))
+    with_spare = placed(pack(run(total=8, group=8, spares=8), topo(nodes), funding()))
+    assert is_fill(as_fill(plain))
+    assert not is_fill(plain)
+    assert not is_fill(as_fill(with_spare)), "a placement holding a spare is an ordinary one"
+    assert not is_fill(Placement(groups=()))
 
 
 # --------------------------------------------------------------------------- occupancy
