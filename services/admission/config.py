@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from shared.bus.config import ServiceConfig, service_args
+from shared.bus.config import ServiceConfig, parse_service_args
 from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
 from shared.engine.state import Settings
 
@@ -91,12 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> AdmissionConfig:
     """Admission flags, then the common service flags from what remains."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
-    if "-h" in args or "--help" in args:
-        print(parser.format_help())
-    ns, rest = parser.parse_known_args(args)
-    service = service_args("admission", rest)
+    ns, service = parse_service_args("admission", _parser(), argv)
     return AdmissionConfig(
         service=service,
         default_owner_globs=parse_globs(ns.default_owner_globs),

@@ -7,81 +7,65 @@ Besides the flags every service takes (``--nats-url``, ``--kubeconfig``, ``--htt
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import sys
 from datetime import timedelta
 
 from services.binder.service import BinderOptions, serve
-from shared.bus import ServiceConfig, configure_logging, service_args
-from shared.bus.tracing import configure_tracing
+from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
+from shared.bus.process import run_main
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube.translate import HOLD_IMAGE
 
 
-def _flag(env: str, default: str) -> str:
-    return os.environ.get(env) or default
-
-
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOptions]:
     """The common service settings plus the binder's own options."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jobtree-binder", add_help=False)
     parser.add_argument(
         "--gpu-resource",
-        default=_flag("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
+        default=env_value("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
         help="extended resource pods request ($JOBTREE_GPU_RESOURCE; default %(default)s)",
     )
     parser.add_argument(
         "--hold-image",
-        default=_flag("JOBTREE_HOLD_IMAGE", HOLD_IMAGE),
+        default=env_value("JOBTREE_HOLD_IMAGE", HOLD_IMAGE),
         help="image of template-less capacity-hold pods ($JOBTREE_HOLD_IMAGE)",
     )
     parser.add_argument(
         "--tick-seconds",
         type=float,
-        default=float(_flag("JOBTREE_BINDER_TICK_SECONDS", "1.0")),
+        default=float(env_value("JOBTREE_BINDER_TICK_SECONDS", "1.0")),
         help="lifecycle re-check period: walltime resolution ($JOBTREE_BINDER_TICK_SECONDS)",
     )
     parser.add_argument(
         "--missing-pod-grace-seconds",
         type=float,
-        default=float(_flag("JOBTREE_MISSING_POD_GRACE_SECONDS", "30")),
+        default=float(env_value("JOBTREE_MISSING_POD_GRACE_SECONDS", "30")),
         help="a running rank without its pod this long fails the gang "
         "($JOBTREE_MISSING_POD_GRACE_SECONDS)",
     )
     parser.add_argument(
         "--commit-concurrency",
         type=int,
-        default=int(_flag("JOBTREE_BINDER_COMMIT_CONCURRENCY", "8")),
+        default=int(env_value("JOBTREE_BINDER_COMMIT_CONCURRENCY", "8")),
         help="commits of different Runs written at once ($JOBTREE_BINDER_COMMIT_CONCURRENCY)",
     )
     parser.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
-        default=_truthy(_flag("JOBTREE_LEADER_ELECT", "false")),
+        default=truthy(env_value("JOBTREE_LEADER_ELECT", "false")),
         help="hold the coordination Lease jobtree-binder before writing ($JOBTREE_LEADER_ELECT)",
     )
     parser.add_argument(
         "--leader-namespace",
-        default=_flag("JOBTREE_LEADER_NAMESPACE", _flag("POD_NAMESPACE", "default")),
+        default=env_value("JOBTREE_LEADER_NAMESPACE", env_value("POD_NAMESPACE", "default")),
         help="namespace of the election Lease ($JOBTREE_LEADER_NAMESPACE, $POD_NAMESPACE)",
     )
     parser.add_argument(
         "--leader-lease-seconds",
         type=float,
-        default=float(_flag("JOBTREE_LEADER_LEASE_SECONDS", "15")),
+        default=float(env_value("JOBTREE_LEADER_LEASE_SECONDS", "15")),
         help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
     )
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print()
-    ns, rest = parser.parse_known_args(argv)
-    cfg = service_args("binder", rest)
+    ns, cfg = parse_service_args("binder", parser, argv)
     return cfg, BinderOptions(
         gpu_resource=ns.gpu_resource,
         hold_image=ns.hold_image,
@@ -95,10 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, options = parse_args(argv)
-    configure_logging(cfg.log_level, cfg.log_format, service="binder")
-    configure_tracing("jobtree-binder", cfg.otlp_endpoint)
-    sys.exit(asyncio.run(serve(cfg, options)))
+    run_main("binder", parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from shared.bus import (
     ServiceConfig,
     ServiceRuntime,
 )
+from shared.bus.process import serve_service
 from shared.control.commit_check import (
     CommitPlan,
     ConflictReason,
@@ -75,7 +75,7 @@ from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
-from shared.kube.client import KubeError, make_client, request
+from shared.kube.client import KubeError, request
 from shared.kube.informer import Informer, Obj
 from shared.kube.resources import GPU_LEASES, PODS, RUNS, SERVICES, Resource
 from shared.kube.translate import (
@@ -949,33 +949,11 @@ class Binder:
 
 async def serve(cfg: ServiceConfig, options: BinderOptions) -> int:
     """Run one binder process until SIGTERM/SIGINT (exit 0) or lost leadership (exit 1)."""
-    api = await make_client(cfg.kubeconfig)
-    runtime = ServiceRuntime.from_config(cfg)
-    binder = Binder(runtime, api, options)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.create_task(stop.wait())]
-    if binder.elector is not None:
-        waits.append(asyncio.create_task(binder.elector.lost.wait()))
-    starting = asyncio.create_task(binder.start())
-    try:
-        await asyncio.wait([starting, *waits], return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            failure = starting.exception()
-            if failure is not None:
-                raise failure
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        starting.cancel()
-        for task in waits:
-            task.cancel()
-        await asyncio.gather(starting, *waits, return_exceptions=True)
-        await binder.stop()
-        await api.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    binder = await serve_service(
+        cfg,
+        lambda runtime, api: Binder(runtime, api, options),
+        until=lambda binder: () if binder.elector is None else (binder.elector.lost,),
+    )
     lost = binder.elector is not None and binder.elector.lost.is_set()
     log.info("binder stopped", extra={"lost_leadership": lost})
     return 1 if lost else 0

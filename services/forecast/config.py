@@ -8,12 +8,10 @@ forecasts it activates.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from shared.bus import ServiceConfig, service_args
+from shared.bus.config import ServiceConfig, env_value, parse_service_args
 from shared.engine.state import Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 
@@ -36,46 +34,41 @@ class ForecastOptions:
     settings: Settings = field(default_factory=Settings)
 
 
-def env(name: str, default: str) -> str:
-    """An environment value, or ``default`` when unset or empty."""
-    return os.environ.get(name) or default
-
-
 def engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine's operator knobs (``shared.engine.state.Settings``) and the GPU resource."""
     add = parser.add_argument
     add(
         "--gpu-resource",
-        default=env("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
+        default=env_value("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
         help="GPU extended resource of the nodes ($JOBTREE_GPU_RESOURCE; default %(default)s)",
     )
     add(
         "--default-duration-hours",
         type=float,
-        default=float(env("JOBTREE_DEFAULT_DURATION_HOURS", "24")),
+        default=float(env_value("JOBTREE_DEFAULT_DURATION_HOURS", "24")),
         help="expected duration of Runs without maxDuration ($JOBTREE_DEFAULT_DURATION_HOURS)",
     )
     add(
         "--spare-factor",
         type=float,
-        default=float(env("JOBTREE_SPARE_FACTOR", "1.0")),
+        default=float(env_value("JOBTREE_SPARE_FACTOR", "1.0")),
         help="fraction of a spare GPU-hour charged ($JOBTREE_SPARE_FACTOR)",
     )
     add(
         "--conservative-lead-hours",
         type=float,
-        default=float(env("JOBTREE_CONSERVATIVE_LEAD_HOURS", "24")),
+        default=float(env_value("JOBTREE_CONSERVATIVE_LEAD_HOURS", "24")),
         help="ETA offered when nothing known bounds it ($JOBTREE_CONSERVATIVE_LEAD_HOURS)",
     )
     add(
         "--namespace",
-        default=env("JOBTREE_NAMESPACE", "") or None,
+        default=env_value("JOBTREE_NAMESPACE", "") or None,
         help="watch Runs and Reservations of one namespace only ($JOBTREE_NAMESPACE; default: all)",
     )
     add(
         "--horizon-days",
         type=float,
-        default=float(env("JOBTREE_HORIZON_DAYS", "30")),
+        default=float(env_value("JOBTREE_HORIZON_DAYS", "30")),
         help="how far forecasts replay the timeline ($JOBTREE_HORIZON_DAYS)",
     )
 
@@ -91,39 +84,35 @@ def engine_settings(ns: argparse.Namespace) -> Settings:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ForecastOptions]:
     """Forecaster flags, then the common service flags from what remains."""
-    args = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jobtree-forecast", add_help=False)
     add = parser.add_argument
     add(
         "--tick-seconds",
         type=float,
-        default=float(env("JOBTREE_FORECAST_TICK_SECONDS", "5")),
+        default=float(env_value("JOBTREE_FORECAST_TICK_SECONDS", "5")),
         help="timer period: countdowns, activation, cancellation ($JOBTREE_FORECAST_TICK_SECONDS)",
     )
     add(
         "--retry-seconds",
         type=float,
-        default=float(env("JOBTREE_ACTIVATION_RETRY_SECONDS", "60")),
+        default=float(env_value("JOBTREE_ACTIVATION_RETRY_SECONDS", "60")),
         help="resend ACTIVATE after this long without an outcome "
         "($JOBTREE_ACTIVATION_RETRY_SECONDS)",
     )
     add(
         "--activate-timeout",
         type=float,
-        default=float(env("JOBTREE_ACTIVATE_TIMEOUT", "200")),
+        default=float(env_value("JOBTREE_ACTIVATE_TIMEOUT", "200")),
         help="seconds to wait for the resolver's answer ($JOBTREE_ACTIVATE_TIMEOUT)",
     )
     add(
         "--refresh-seconds",
         type=float,
-        default=float(env("JOBTREE_FORECAST_REFRESH_SECONDS", "30")),
+        default=float(env_value("JOBTREE_FORECAST_REFRESH_SECONDS", "30")),
         help="recompute pending forecasts after ledger events at most this often",
     )
     engine_flags(parser)
-    if "-h" in args or "--help" in args:
-        print(parser.format_help())
-    ns, rest = parser.parse_known_args(args)
-    cfg = service_args("forecast", rest)
+    ns, cfg = parse_service_args("forecast", parser, argv)
     return cfg, ForecastOptions(
         tick_seconds=ns.tick_seconds,
         retry_seconds=ns.retry_seconds,

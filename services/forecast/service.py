@@ -30,7 +30,6 @@ from kubernetes_asyncio.client import ApiClient
 
 from services.forecast import metrics
 from services.forecast.config import ForecastOptions
-from services.forecast.shell import serve_until_signal
 from shared.api import ReservationState
 from shared.api.lease import label_value
 from shared.bus import (
@@ -48,6 +47,7 @@ from shared.bus import (
     ServiceConfig,
     ServiceRuntime,
 )
+from shared.bus.process import serve_service
 from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
@@ -56,7 +56,7 @@ from shared.engine.model import RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
-from shared.kube.client import KubeError, make_client
+from shared.kube.client import KubeError
 from shared.kube.informer import EventType, Obj
 from shared.kube.resources import RESERVATIONS, RUNS
 from shared.kube.translate import rfc3339
@@ -553,11 +553,6 @@ def _message(view: rv.ReservationView) -> str:
 
 async def serve(cfg: ServiceConfig, options: ForecastOptions) -> int:
     """Run one forecaster process until SIGTERM/SIGINT (exit status 0)."""
-    api = await make_client(cfg.kubeconfig)
-    forecaster = Forecaster(ServiceRuntime.from_config(cfg), api, options)
-    try:
-        await serve_until_signal(forecaster.start, forecaster.stop)
-    finally:
-        await api.close()
+    await serve_service(cfg, lambda runtime, api: Forecaster(runtime, api, options))
     log.info("forecast stopped")
     return 0

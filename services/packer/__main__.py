@@ -7,14 +7,11 @@ Besides the flags every service takes (``--nats-url``, ``--kubeconfig``, ``--htt
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import sys
 from datetime import timedelta
 
 from services.packer.service import PackerOptions, serve
-from shared.bus import ServiceConfig, configure_logging, service_args
-from shared.bus.tracing import configure_tracing
+from shared.bus.config import ServiceConfig, env_value, parse_service_args
+from shared.bus.process import run_main
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 
 
@@ -27,36 +24,28 @@ def _positive(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, PackerOptions]:
     """The common service settings plus the packer's own options."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jobtree-packer", add_help=False)
     parser.add_argument(
         "--node-grace-seconds",
         type=_positive,
-        default=_positive(os.environ.get("JOBTREE_NODE_GRACE_SECONDS") or "30"),
+        default=_positive(env_value("JOBTREE_NODE_GRACE_SECONDS", "30")),
         help="how long a leased node may be NotReady before NODE_FAILED "
         "($JOBTREE_NODE_GRACE_SECONDS; default %(default)s)",
     )
     parser.add_argument(
         "--gpu-resource",
-        default=os.environ.get("JOBTREE_GPU_RESOURCE") or DEFAULT_GPU_RESOURCE,
+        default=env_value("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
         help="allocatable extended resource that counts GPUs ($JOBTREE_GPU_RESOURCE; "
         "default %(default)s)",
     )
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        print()
-    ns, rest = parser.parse_known_args(argv)
-    cfg = service_args("packer", rest)
+    ns, cfg = parse_service_args("packer", parser, argv)
     return cfg, PackerOptions(
         gpu_resource=ns.gpu_resource, node_grace=timedelta(seconds=ns.node_grace_seconds)
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, options = parse_args(argv)
-    configure_logging(cfg.log_level, cfg.log_format, service="packer")
-    configure_tracing("jobtree-packer", cfg.otlp_endpoint)
-    sys.exit(asyncio.run(serve(cfg, options)))
+    run_main("packer", parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -36,6 +35,7 @@ from shared.bus import (
     ServiceConfig,
     ServiceRuntime,
 )
+from shared.bus.process import serve_service
 from shared.control.node_health import (
     DEFAULT_GRACE,
     HealthState,
@@ -50,7 +50,6 @@ from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, Topology
 from shared.kube.cache import ClusterCache
-from shared.kube.client import make_client
 from shared.kube.informer import Obj
 
 log = logging.getLogger(__name__)
@@ -345,29 +344,6 @@ class Packer:
 
 async def serve(cfg: ServiceConfig, options: PackerOptions) -> int:
     """Run one packer process until SIGTERM/SIGINT."""
-    api = await make_client(cfg.kubeconfig)
-    runtime = ServiceRuntime.from_config(cfg)
-    packer = Packer(runtime, api, options)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopping = asyncio.create_task(stop.wait())
-    starting = asyncio.create_task(packer.start())
-    try:
-        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            failure = starting.exception()
-            if failure is not None:
-                raise failure
-            await stopping
-    finally:
-        starting.cancel()
-        stopping.cancel()
-        await asyncio.gather(starting, stopping, return_exceptions=True)
-        await packer.stop()
-        await api.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve_service(cfg, lambda runtime, api: Packer(runtime, api, options))
     log.info("packer stopped")
     return 0

@@ -25,7 +25,6 @@ from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
 
-from services.forecast.shell import serve_until_signal
 from services.resolver import metrics
 from shared.api import ReservationState
 from shared.bus import (
@@ -44,6 +43,7 @@ from shared.bus import (
     ServiceConfig,
     ServiceRuntime,
 )
+from shared.bus.process import serve_service
 from shared.control import reservations as rv
 from shared.control.activation import (
     Activation,
@@ -60,7 +60,6 @@ from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
-from shared.kube.client import make_client
 from shared.kube.informer import Obj
 from shared.kube.resources import RESERVATIONS, RUNS
 from shared.kube.translate import TranslateError, rfc3339, run_request
@@ -524,12 +523,7 @@ def _activated(view: rv.ReservationView, at: datetime) -> dict[str, str]:
 
 async def serve(cfg: ServiceConfig, options: ResolverOptions) -> int:
     """Run one resolver process until SIGTERM/SIGINT (exit status 0)."""
-    api = await make_client(cfg.kubeconfig)
-    resolver = Resolver(ServiceRuntime.from_config(cfg), api, options)
-    try:
-        await serve_until_signal(resolver.start, resolver.stop)
-    finally:
-        await api.close()
+    await serve_service(cfg, lambda runtime, api: Resolver(runtime, api, options))
     log.info("resolver stopped")
     return 0
 

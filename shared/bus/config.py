@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,33 @@ class ServiceConfig:
     log_format: Literal["json", "text"]
     otlp_endpoint: str | None = None
     """OTLP/HTTP base URL traces are exported to (e.g. ``http://jaeger:4318``); None = off."""
+
+
+def env_value(name: str, default: str) -> str:
+    """The environment variable ``name``, or ``default`` when it is unset or empty: the fallback
+    of a service's own flags (``default=float(env_value("JOBTREE_X", "30"))``)."""
+    return os.environ.get(name) or default
+
+
+def truthy(text: str) -> bool:
+    """A boolean environment value: ``1``, ``true``, ``yes`` or ``on`` (any case)."""
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_service_args(
+    name: str, parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, ServiceConfig]:
+    """A service's own flags (``parser``, built with ``add_help=False``) from ``argv`` (default
+    ``sys.argv[1:]``), then the common flags of :func:`service_args` from what remains.
+
+    With ``-h``/``--help`` the own flags' help is printed first; the common parser then prints
+    its help and exits.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(parser.format_help())
+    ns, rest = parser.parse_known_args(args)
+    return ns, service_args(name, rest)
 
 
 def _port(text: str) -> int:
