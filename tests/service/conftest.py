@@ -1,14 +1,15 @@
-"""Shared fixtures for service tests: the real control plane with CRDs, real NATS, KWOK nodes."""
+"""Shared fixtures for service tests: the real control plane with CRDs, real NATS, KWOK nodes.
+
+Plain helpers (kubectl readers, manifests, in-process services) are in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import pytest
 
 from shared.localenv.controlplane import ControlPlane
-from shared.localenv.fleet import fleet_manifest
 from tests.conftest import ensure_namespace
 
 
@@ -18,14 +19,3 @@ def namespace(crds: ControlPlane, request: pytest.FixtureRequest) -> Iterator[st
     name = "t-" + request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:50]
     ensure_namespace(crds, name)
     yield name
-
-
-def add_nodes(kube: ControlPlane, prefix: str, count: int, **labels: str) -> list[str]:
-    """KWOK-managed fake GPU nodes; returns their names once Ready."""
-    manifest = fleet_manifest(prefix, count, labels)
-    kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    names = [item["metadata"]["name"] for item in manifest["items"]]
-    kube.kubectl(
-        "wait", "--for=condition=Ready", "--timeout=60s", *(f"node/{n}" for n in names), timeout=90
-    )
-    return names

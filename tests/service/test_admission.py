@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 import subprocess
-import sys
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,13 +28,13 @@ from shared.bus.config import ServiceConfig
 from shared.control.tenancy import OWNERS_ANNOTATION
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
-from shared.localenv.processes import free_port
+
+from . import helpers as h
 
 pytestmark = [pytest.mark.kube, pytest.mark.nats]
 session_loop = pytest.mark.asyncio(loop_scope="session")
 
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
 TENANT_NS = "t-adm-tenancy"
 FLAVOR = "H100-80GB"
 
@@ -177,11 +174,6 @@ async def close_lease(plane: ControlPlane, name: str, closure: str) -> None:
     )
 
 
-def http_get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return int(resp.status), resp.read().decode()
-
-
 # -- fixtures -------------------------------------------------------------------------------------
 
 
@@ -255,9 +247,9 @@ def test_webhook_review_rules() -> None:
 @session_loop
 async def test_probes_and_metrics(admission: AdmissionService) -> None:
     base = f"http://127.0.0.1:{admission.runtime.http_port}"
-    assert (await asyncio.to_thread(http_get, f"{base}/healthz"))[0] == 200
-    assert (await asyncio.to_thread(http_get, f"{base}/readyz"))[0] == 200
-    code, body = await asyncio.to_thread(http_get, f"{base}/metrics")
+    assert (await asyncio.to_thread(h.http_get, f"{base}/healthz", 5.0))[0] == 200
+    assert (await asyncio.to_thread(h.http_get, f"{base}/readyz", 5.0))[0] == 200
+    code, body = await asyncio.to_thread(h.http_get, f"{base}/metrics", 5.0)
     assert code == 200 and "jobtree_runs_admission_latency_seconds" in body
 
 
@@ -446,7 +438,7 @@ async def test_budget_status_and_metrics_replay_real_leases(
     assert west["usage"]["shared"]["gpus"] == 0 and west["usage"]["borrowedOut"]["gpus"] == 0
     assert status["observedGeneration"] == 1 and status["updatedAt"].endswith("Z")
     url = f"http://127.0.0.1:{admission.runtime.http_port}/metrics"
-    _, body = await asyncio.to_thread(http_get, url)
+    _, body = await asyncio.to_thread(h.http_get, url, 5.0)
     assert 'jobtree_budget_headroom_gpus{budget="adm-budget",envelope="west"} 22.0' in body
     assert (
         'jobtree_budgets_concurrency_gpus{budget="adm-budget",class="spare",envelope="west",'
@@ -544,39 +536,13 @@ async def test_webhook_registered_with_the_api_server_denies_unauthorised_owner(
 async def test_process_serves_probes_and_exits_cleanly_on_sigterm(
     nats_server: NatsServer, crds: ControlPlane, tmp_path: Path
 ) -> None:
-    port = free_port()
     log = tmp_path / "admission.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.admission",
-                f"--nats-url={nats_server.url}",
-                f"--kubeconfig={crds.kubeconfig}",
-                f"--http-port={port}",
-                "--log-format=json",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+    proc, port = h.spawn_service("admission", crds, nats_server, log, log_format="json")
     try:
-
-        async def ready() -> bool:
-            try:
-                code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/readyz")
-            except OSError:
-                return False
-            return code == 200
-
-        await wait_for(ready, "admission /readyz", timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 15) == 0
+        await h.wait_ready(proc, port, log)
+        assert await h.terminate(proc, 15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        h.kill(proc)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "admission ready" for line in lines)
     assert any(line["msg"] == "service stopped" for line in lines)
@@ -606,33 +572,20 @@ async def pipeline(
     from services.forecast.service import Forecaster
     from services.packer.service import Packer
     from shared.bus import ServiceRuntime
-    from shared.kube.client import make_client
 
-    from .conftest import add_nodes
-
-    nodes = await asyncio.to_thread(add_nodes, crds, "adm-flow", 3, **FLOW_LABELS)
-    api = await make_client(str(crds.kubeconfig))
-    services: list[Any] = [
-        Packer(ServiceRuntime("packer", nats_url=nats_server.url), api),
-        Binder(
+    nodes = await asyncio.to_thread(h.add_nodes, crds, "adm-flow", 3, **FLOW_LABELS)
+    async with h.kube_api(crds) as api:
+        packer = Packer(ServiceRuntime("packer", nats_url=nats_server.url), api)
+        binder = Binder(
             ServiceRuntime("binder", nats_url=nats_server.url), api, BinderOptions(tick_seconds=0.2)
-        ),
-        Forecaster(
+        )
+        forecaster = Forecaster(
             ServiceRuntime("forecast", nats_url=nats_server.url),
             api,
             ForecastOptions(tick_seconds=0.5),
-        ),
-    ]
-    started = []
-    try:
-        for service in services:
-            await asyncio.wait_for(service.start(), 60)
-            started.append(service)
-        yield nodes
-    finally:
-        for service in reversed(started):
-            await service.stop()
-        await api.close()
+        )
+        async with h.started(packer, binder, forecaster):
+            yield nodes
 
 
 def flow_budget(name: str, owner: str, concurrency: int) -> dict[str, Any]:
@@ -692,7 +645,7 @@ async def test_flow_bind_now_then_grow_when_capacity_frees(
     )
     assert reasons == ["Grow", "Start"]
     url = f"http://127.0.0.1:{admission.runtime.http_port}/metrics"
-    _, body = await asyncio.to_thread(http_get, url)
+    _, body = await asyncio.to_thread(h.http_get, url, 5.0)
     assert 'jobtree_runs_admission_latency_seconds_count{flavor="A100-40GB",result="bound"}' in body
 
 

@@ -11,25 +11,18 @@ nats-server, real kube-apiserver with KWOK nodes.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import pytest
 import pytest_asyncio
 
 from services.packer.service import Packer, PackerOptions
-from shared.bus import PLAN, PlanReply, PlanRequest, RunRef, ServiceRuntime
-from shared.engine.bindplan import LeaseIntent
-from shared.engine.model import Envelope, FundingKind, LeaseReason, Role, RunRequest
-from shared.engine.offers import Funding, Offer
-from shared.kube.client import make_client
-from shared.kube.translate import lease_manifest
+from shared.bus import PLAN, PlanReply, RunRef, ServiceRuntime
+from shared.engine.model import Envelope
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
 
-from .conftest import add_nodes
+from . import helpers as h
 
 pytestmark = [pytest.mark.kube, pytest.mark.nats, pytest.mark.asyncio(loop_scope="session")]
 
@@ -47,24 +40,6 @@ ENVELOPE = Envelope(
 ASSUME = 3.0
 
 
-def plan_request(name: str, gpus: int = 16) -> PlanRequest:
-    run = RunRequest(
-        key=("asm", name),
-        uid=f"uid-{name}",
-        owner=OWNER,
-        flavor=FLAVOR,
-        total_gpus=gpus,
-        group_gpus=8,
-        selector={"region": "asm-r"},
-    )
-    funding = Funding(offers=(Offer(ENVELOPE, gpus, FundingKind.OWNED),))
-    return PlanRequest(
-        run=RunRef(namespace="asm", name=name, uid=run.uid, generation=1),
-        request=run,
-        funding=funding,
-    )
-
-
 def nodes_of(reply: PlanReply) -> set[str]:
     assert reply.placement is not None, reply
     return {s.node for g in reply.placement.groups for s in g.slices}
@@ -72,43 +47,34 @@ def nodes_of(reply: PlanReply) -> set[str]:
 
 @pytest.fixture(scope="module")
 def fleet(crds: ControlPlane) -> list[str]:
-    return add_nodes(crds, "asm", 4, **LABELS)
+    return h.add_nodes(crds, "asm", 4, **LABELS)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def packer(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Packer]:
-    api = await make_client(str(crds.kubeconfig))
-    service = Packer(
-        ServiceRuntime("packer", nats_url=nats_server.url),
-        api,
-        PackerOptions(assume_seconds=ASSUME),
-    )
-    await asyncio.wait_for(service.start(), 60)
-    deadline = time.monotonic() + 30
-    while not set(fleet) <= {n.name for n in service.cache.topology}:
-        assert time.monotonic() < deadline, "the packer never saw the fleet"
-        await asyncio.sleep(0.1)
-    try:
+    runtime = ServiceRuntime("packer", nats_url=nats_server.url)
+    options = PackerOptions(assume_seconds=ASSUME)
+    async with h.in_process(crds, lambda api: Packer(runtime, api, options)) as service:
+
+        def sees_fleet() -> None:
+            topology = {n.name for n in service.cache.topology}
+            assert set(fleet) <= topology, "the packer never saw the fleet"
+
+        await h.eventually(sees_fleet, timeout=30, interval=0.1, in_thread=False)
         yield service
-    finally:
-        await service.stop()
-        await api.close()
 
 
 @pytest_asyncio.fixture(scope="module")
 async def client(nats_server: NatsServer, packer: Packer) -> AsyncIterator[ServiceRuntime]:
-    runtime = ServiceRuntime("packer-assume-client", nats_url=nats_server.url)
-    await runtime.start()
-    try:
+    async with h.bus_client(nats_server, "packer-assume-client") as runtime:
         yield runtime
-    finally:
-        await runtime.stop()
 
 
 async def ask(client: ServiceRuntime, name: str, gpus: int = 16) -> PlanReply:
-    return await client.request(PLAN, plan_request(name, gpus), timeout=10)
+    run = h.engine_run("asm", name, gpus, owner=OWNER, region="asm-r")
+    return await client.request(PLAN, h.plan_request(run, ENVELOPE), timeout=10)
 
 
 async def test_back_to_back_plans_get_different_nodes(
@@ -135,29 +101,21 @@ async def test_an_assumption_ends_when_its_leases_show_up_or_it_expires(
     assert nodes_of(await ask(client, "other")) == set(fleet[2:])
     # The binder commits "committed": its Leases reach the packer's cache.
     for rank, node in enumerate(sorted(held)):
-        intent = LeaseIntent(
-            name=f"asm-committed-{rank}",
-            run=("asm", "committed"),
+        h.hold_lease(
+            crds,
+            f"asm-committed-{rank}",
+            node,
+            run=RunRef(namespace="asm", name="committed", uid="uid-committed", generation=1),
             owner=OWNER,
-            node=node,
-            gpus=8,
-            role=Role.ACTIVE,
-            group=0,
-            rank=rank,
             envelope="asm-budget/main",
-            payer_owner=OWNER,
-            funding=FundingKind.OWNED,
-            start=datetime.now(UTC),
-            reason=LeaseReason.START,
-            expected_end=None,
-            comp_path=("GROUP[0]", f"RANK[{rank}]"),
+            rank=rank,
         )
-        body = lease_manifest(intent, run_uid="uid-committed", gen=1)
-        crds.kubectl("apply", "-f", "-", input=json.dumps(body))
-    deadline = time.monotonic() + 20
-    while {le.node for le in packer.cache.leases_of(("asm", "committed"))} != held:
-        assert time.monotonic() < deadline, "the packer never saw the committed Leases"
-        await asyncio.sleep(0.1)
+
+    def sees_leases() -> None:
+        nodes = {le.node for le in packer.cache.leases_of(("asm", "committed"))}
+        assert nodes == held, "the packer never saw the committed Leases"
+
+    await h.eventually(sees_leases, interval=0.1, in_thread=False)
     await ask(client, "probe", 8)
     assert ("asm", "committed") not in packer.assumed, "a committed placement is still assumed"
     # "other" was never committed: after assume_seconds its nodes are offered again.

@@ -7,28 +7,18 @@ NATS as the forecaster and the packer send them, leases are created with kubectl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from prometheus_client import REGISTRY
 
-from services.binder.service import Binder, BinderOptions
-from services.resolver.service import Resolver, ResolverOptions
+from services.resolver.service import Resolver
 from shared.api import Reservation, parse_object
-from shared.api.lease import label_value
 from shared.bus import (
     ACTIVATE,
     NODE_FAILED,
@@ -38,97 +28,31 @@ from shared.bus import (
     ServiceRuntime,
 )
 from shared.bus.logs import JsonFormatter
-from shared.engine.bindplan import LeaseIntent
 from shared.engine.lottery import Token, lottery_seed, replay, verify
-from shared.engine.model import FundingKind, LeaseReason, Role
-from shared.kube.client import make_client
-from shared.kube.translate import lease_manifest
+from shared.engine.model import Role
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
-from shared.localenv.processes import free_port
 
-from .conftest import add_nodes
+from . import helpers as h
 
 pytestmark = [pytest.mark.kube, pytest.mark.nats, pytest.mark.asyncio(loop_scope="session")]
 
-GROUP = "rq.davidlangworthy.io"
-LEASES = f"leases.{GROUP}"
-RESERVATIONS = f"reservations.{GROUP}"
-FLAVOR = "H100-80GB"
 REGION = "rs-r"
 LABELS = {"region": REGION, "cluster": "rs-c", "fabric.domain": "rs-f"}
 DOMAIN = {"region": REGION, "cluster": "rs-c", "fabric.domain": "rs-f"}
-SCOPE = f"{FLAVOR}@{REGION}/*/*"
-REPO = Path(__file__).resolve().parents[2]
+SCOPE = f"{h.FLAVOR}@{REGION}/*/*"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2) -> Any:
-    """Retry ``check`` (sync, may run kubectl) until it stops raising AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await asyncio.to_thread(check)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(interval)
-
-
-def get_json(kube: ControlPlane, *args: str) -> Any:
-    return json.loads(kube.kubectl("get", *args, "-o", "json").stdout)
-
-
-def apply(kube: ControlPlane, obj: dict[str, Any]) -> None:
-    kube.kubectl("apply", "-f", "-", input=json.dumps(obj))
-
-
-def sample(metric: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(metric, labels) or 0.0
-
-
-def owner_budget(name: str, owner: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/v1",
-        "kind": "Budget",
-        "metadata": {"name": name},
-        "spec": {
-            "owner": owner,
-            "envelopes": [
-                {
-                    "name": "main",
-                    "flavor": FLAVOR,
-                    "selector": {"region": REGION},
-                    "concurrency": 64,
-                }
-            ],
-        },
-    }
-
-
 def make_run(
     kube: ControlPlane, namespace: str, name: str, owner: str, gpus: int, **spec: Any
 ) -> dict[str, Any]:
-    body = {
-        "owner": owner,
-        "resources": {"gpuType": FLAVOR, "totalGPUs": gpus},
-        "locality": {"selector": {"region": REGION}, **spec.pop("locality", {})},
-        "runtime": {"maxDuration": "3h", **spec.pop("runtime", {})},
-        **spec,
-    }
-    apply(
-        kube,
-        {
-            "apiVersion": f"{GROUP}/v1",
-            "kind": "Run",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": body,
-        },
+    """A Run of ``owner`` in this module's region, 3h long unless ``runtime`` says."""
+    return h.create_run(
+        kube, namespace, name, owner, gpus, region=REGION, max_duration="3h", **spec
     )
-    obj: dict[str, Any] = get_json(kube, f"runs.{GROUP}", "-n", namespace, name)
-    return obj
 
 
 def hold(
@@ -142,61 +66,50 @@ def hold(
     expected_end: datetime | None = None,
 ) -> str:
     """A Lease of 8 GPUs on ``node`` for the Run, created with kubectl; returns its name."""
-    meta, spec = run_obj["metadata"], run_obj["spec"]
-    owner = spec["owner"]
+    owner = run_obj["spec"]["owner"]
     tag = "s" if role is Role.SPARE else "r"
-    name = f"{meta['name']}-g{group}-{tag}{max(rank, 0)}"
     start = datetime.now(UTC) - timedelta(minutes=10)
-    intent = LeaseIntent(
-        name=name,
-        run=(meta["namespace"], meta["name"]),
+    return h.hold_lease(
+        kube,
+        f"{run_obj['metadata']['name']}-g{group}-{tag}{max(rank, 0)}",
+        node,
+        run=h.run_ref(run_obj),
         owner=owner,
-        node=node,
-        gpus=8,
+        envelope=f"{owner.replace(':', '-')}/main",
         role=role,
         group=group,
-        rank=rank if role is not Role.SPARE else -1,
-        envelope=f"{owner.replace(':', '-')}/main",
-        payer_owner=owner,
-        funding=FundingKind.OWNED,
+        rank=rank,
         start=start,
-        reason=LeaseReason.START,
         expected_end=expected_end or start + timedelta(hours=3),
-        comp_path=(f"GROUP[{group}]", "SPARE[0]" if role is Role.SPARE else f"RANK[{rank}]"),
     )
-    apply(kube, lease_manifest(intent, run_uid=meta["uid"], gen=meta.get("generation", 1)))
-    return name
 
 
 def admin_reservation(
     kube: ControlPlane, namespace: str, name: str, run: str, nodes: list[str]
 ) -> dict[str, Any]:
     """An administrator's Reservation (no status, no forecaster labels) due already."""
-    apply(
+    h.apply(
         kube,
-        {
-            "apiVersion": f"{GROUP}/v1",
-            "kind": "Reservation",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "runRef": {"name": run},
-                "intendedSlice": {"domain": DOMAIN, "nodes": nodes},
-                "earliestStart": "2025-01-06T09:00:00Z",
-            },
-        },
+        h.reservation_manifest(
+            namespace,
+            name,
+            run=run,
+            labels=DOMAIN,
+            nodes=nodes,
+            earliest_start="2025-01-06T09:00:00Z",
+        ),
     )
-    obj: dict[str, Any] = get_json(kube, RESERVATIONS, "-n", namespace, name)
+    obj: dict[str, Any] = h.get_json(kube, h.RESERVATIONS, "-n", namespace, name)
     return obj
 
 
 def lease(kube: ControlPlane, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = get_json(kube, LEASES, name)
+    obj: dict[str, Any] = h.get_json(kube, h.LEASES, name)
     return obj
 
 
 def open_leases_of(kube: ControlPlane, namespace: str, run: str) -> list[dict[str, Any]]:
-    selector = f"{GROUP}/run={label_value(run)},{GROUP}/namespace={label_value(namespace)}"
-    items = get_json(kube, LEASES, "-l", selector)["items"]
+    items = h.lease_items(kube, namespace, run)
     return [x for x in items if not (x.get("status") or {}).get("closed")]
 
 
@@ -206,12 +119,11 @@ def open_leases_of(kube: ControlPlane, namespace: str, run: str) -> list[dict[st
 @pytest.fixture(scope="module")
 def fleet(crds: ControlPlane, namespace: str) -> list[str]:
     """Six 8-GPU KWOK nodes in their own region and budgets for three owners."""
-    names = add_nodes(crds, "rs", 6, **LABELS, **{"gpu.flavor": FLAVOR})
-    for owner in ("org:rstest:big", "org:rstest:lab", "org:rstest:ops"):
-        apply(crds, owner_budget(owner.replace(":", "-"), owner))
-    # No admission service may act on this module's Runs: the namespace speaks for nobody.
-    crds.kubectl("annotate", "--overwrite", "namespace", namespace, f"{GROUP}/owners=nobody")
-    return names
+    budgets = [
+        h.budget_manifest(owner.replace(":", "-"), owner, REGION, 64)
+        for owner in ("org:rstest:big", "org:rstest:lab", "org:rstest:ops")
+    ]
+    return h.fleet_with_budgets(crds, namespace, "rs", 6, LABELS, *budgets)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -219,34 +131,16 @@ async def services(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str], namespace: str
 ) -> AsyncIterator[Resolver]:
     """The real binder and the resolver, in-process."""
-    api = await make_client(str(crds.kubeconfig))
-    # The holders' Leases are written directly, without pods: the binder must not end them
-    # as gangs whose pods are gone.
-    options = BinderOptions(missing_pod_grace=timedelta(days=365))
-    binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, options)
-    resolver = Resolver(
-        ServiceRuntime("resolver", nats_url=nats_server.url),
-        api,
-        ResolverOptions(namespace=namespace),
-    )
-    await asyncio.wait_for(binder.start(), 60)
-    await asyncio.wait_for(resolver.start(), 60)
-    try:
-        yield resolver
-    finally:
-        await resolver.stop()
-        await binder.stop()
-        await api.close()
+    async with h.kube_api(crds) as api:
+        binder, resolver = h.binder_and_resolver(api, nats_server, namespace)
+        async with h.started(binder, resolver):
+            yield resolver
 
 
 @pytest_asyncio.fixture(scope="module")
 async def client(nats_server: NatsServer, services: Resolver) -> AsyncIterator[ServiceRuntime]:
-    runtime = ServiceRuntime("resolver-test-client", nats_url=nats_server.url)
-    await runtime.start()
-    try:
+    async with h.bus_client(nats_server, "resolver-test-client") as runtime:
         yield runtime
-    finally:
-        await runtime.stop()
 
 
 async def activate(client: ServiceRuntime, resv: dict[str, Any], at: datetime) -> ActivateReply:
@@ -267,17 +161,17 @@ async def test_activation_binds_when_the_run_fits_on_its_slice(
     assert reply.released and reply.seed is None, reply
 
     def released() -> dict[str, Any]:
-        obj: dict[str, Any] = get_json(crds, RESERVATIONS, "-n", namespace, "fits-resv")
+        obj: dict[str, Any] = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "fits-resv")
         status = obj.get("status") or {}
         assert status.get("state") == "Released", status
         return obj
 
-    obj = await eventually(released)
+    obj = await h.eventually(released)
     assert obj["status"]["reason"] == "Bound" and obj["status"]["releasedAt"]
     assert "audit" not in obj["status"]
-    (held,) = await eventually(lambda: _one(open_leases_of(crds, namespace, "fits")))
+    (held,) = await h.eventually(lambda: _one(open_leases_of(crds, namespace, "fits")))
     assert held["spec"]["slice"]["nodes"] == ["rs-04"]
-    pod = get_json(crds, "pods", "-n", namespace, "fits-g0-r0")
+    pod = h.get_json(crds, "pods", "-n", namespace, "fits-g0-r0")
     assert pod["spec"]["nodeName"] == "rs-04"
     # Idempotent: a re-sent ACTIVATE answers from the Reservation and commits nothing new.
     again = await activate(client, resv, datetime.now(UTC))
@@ -313,7 +207,7 @@ async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit
     make_run(crds, namespace, "big", "org:rstest:big", 16, locality={"groupGPUs": 8})
     resv = admin_reservation(crds, namespace, "big-resv", "big", ["rs-01", "rs-02"])
     await cached(services, shrunk, kept, drawn)
-    draws_before = sample("jobtree_lottery_draws_total")
+    draws_before = h.sample("jobtree_lottery_draws_total")
     at = datetime.now(UTC).replace(microsecond=0)
     caplog.set_level(logging.INFO, logger="services.resolver.service")
 
@@ -324,10 +218,10 @@ async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit
     assert lease(crds, shrunk)["status"]["closureReason"] == "Shrink"
     assert lease(crds, drawn)["status"]["closureReason"] == f"RandomPreempt({seed})"
     assert not (lease(crds, kept).get("status") or {}).get("closed")
-    nodes = await eventually(lambda: _nodes(open_leases_of(crds, namespace, "big"), 2))
+    nodes = await h.eventually(lambda: _nodes(open_leases_of(crds, namespace, "big"), 2))
     assert nodes == {"rs-01", "rs-02"}
     # The audit: seed, conflict set, draws and ended leases, enough to replay the draw.
-    obj = get_json(crds, RESERVATIONS, "-n", namespace, "big-resv")
+    obj = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "big-resv")
     resv_model = parse_object(obj)
     assert isinstance(resv_model, Reservation) and resv_model.status is not None
     assert resv_model.status.state is not None and resv_model.status.state.value == "Released"
@@ -357,28 +251,31 @@ async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit
     doc = json.loads(JsonFormatter("resolver").format(lines[0]))
     assert f"lottery=RandomPreempt({seed})" in doc["msg"]
     assert doc["seed"] == seed and doc["conflictSet"] == [f"{namespace}/fixed"]
-    assert sample("jobtree_lottery_draws_total") == draws_before + 1
-    assert sample("jobtree_resolver_actions_total", kind="Shrink") >= 1
-    assert sample("jobtree_preemptions_total", scope=SCOPE, reason="RandomPreempt") >= 1
+    assert h.sample("jobtree_lottery_draws_total") == draws_before + 1
+    assert h.sample("jobtree_resolver_actions_total", kind="Shrink") >= 1
+    assert h.sample("jobtree_preemptions_total", scope=SCOPE, reason="RandomPreempt") >= 1
     # The binder applied it but the answer was lost: the Reservation is still Active when the
     # forecaster retries; the retry finds the Run bound and keeps the published audit.
     crds.kubectl(
-        "patch", RESERVATIONS, "big-resv", "-n", namespace, "--subresource=status",
+        "patch", h.RESERVATIONS, "big-resv", "-n", namespace, "--subresource=status",
         "--type=merge", "-p", json.dumps({"status": {"state": "Active"}}),
     )  # fmt: skip
     retry = await activate(client, resv, at)
     assert retry.released and "already holds leases" in retry.message
-    after = get_json(crds, RESERVATIONS, "-n", namespace, "big-resv")["status"]
+    after = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "big-resv")["status"]
     assert after["state"] == "Released" and after["reason"] == "AlreadyRunning"
     assert after["audit"]["seed"] == seed and after["audit"]["draws"]
 
 
 async def cached(resolver: Resolver, *leases: str) -> None:
     """Until the resolver's watch cache shows the leases the test created with kubectl."""
-    deadline = time.monotonic() + 20
-    while not all(resolver.cache.lease(name) is not None for name in leases):
-        assert time.monotonic() < deadline, f"leases {leases} never reached the cache"
-        await asyncio.sleep(0.1)
+
+    def shown() -> None:
+        assert all(resolver.cache.lease(name) is not None for name in leases), (
+            f"leases {leases} never reached the cache"
+        )
+
+    await h.eventually(shown, interval=0.1, in_thread=False)
 
 
 def _nodes(items: list[dict[str, Any]], count: int) -> set[str]:
@@ -402,14 +299,14 @@ async def test_node_failure_swaps_the_rank_onto_its_spare(
         assert len(items) == 1, [x["metadata"]["name"] for x in items]
         return items[0]
 
-    new = await eventually(swapped)
+    new = await h.eventually(swapped)
     assert new["spec"]["slice"]["nodes"] == ["rs-06"]
     assert (new["spec"]["slice"]["role"], new["spec"]["reason"]) == ("Active", "Swap")
     assert lease(crds, active)["status"]["closureReason"] == "NodeFailure"
     assert lease(crds, spare)["status"]["closureReason"] == "Swap"
-    pod = await eventually(lambda: get_json(crds, "pods", "-n", namespace, "train-g0-r0"))
+    pod = await h.eventually(lambda: h.get_json(crds, "pods", "-n", namespace, "train-g0-r0"))
     assert pod["spec"]["nodeName"] == "rs-06"
-    assert sample("jobtree_resolver_actions_total", kind="Swap") >= 1
+    assert h.sample("jobtree_resolver_actions_total", kind="Swap") >= 1
 
 
 @pytest.mark.parametrize(
@@ -422,51 +319,23 @@ async def test_node_failure_swaps_the_rank_onto_its_spare(
 async def test_service_process_serves_probes_and_exits_cleanly_on_sigterm(
     crds: ControlPlane, nats_server: NatsServer, tmp_path: Path, service: str, metric: str
 ) -> None:
-    port = free_port()
     log = tmp_path / f"{service}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                f"services.{service}",
-                f"--nats-url={nats_server.url}",
-                f"--kubeconfig={crds.kubeconfig}",
-                f"--http-port={port}",
-                "--namespace=t-process-only",  # act on nothing of the other tests
-                "--log-format=json",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+    proc, port = h.spawn_service(
+        service,
+        crds,
+        nats_server,
+        log,
+        "--namespace=t-process-only",  # act on nothing of the other tests
+        log_format="json",
+    )
     try:
-
-        def ready() -> None:
-            assert proc.poll() is None, log.read_text()
-            assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
-
-        await eventually(ready, timeout=30)
-        assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
-        code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        await h.wait_ready(proc, port, log)
+        assert h.http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        code, body = h.http_get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200 and metric in body
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert await h.terminate(proc) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        h.kill(proc)
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
     assert any(line["msg"] == f"{service} serving" for line in lines)
     assert any(line["msg"] == f"{service} stopped" for line in lines)
-
-
-def http_get(url: str) -> tuple[int, str]:
-    """Status and body of a GET (an HTTP error is an answer too); (0, "") when unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return int(err.code), err.read().decode()
-    except OSError:
-        return 0, ""
