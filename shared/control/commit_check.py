@@ -4,9 +4,10 @@ Proposers (admission, resolver) plan on snapshots that may be stale by the time 
 arrives. The binder is the single writer, so it re-validates every commit here before writing
 anything, against its watch caches *plus* the commits it has already written but not yet seen
 back through the watch (``Inflight``). A commit that would overbook a node, put fill (``Borrowed``)
-outside other runs' unfilled spare GPUs, exceed an envelope's concurrency (or a lending or
-aggregate cap), or take GPUs promised to another Reservation is rejected with a typed reason and
-nothing is written; the proposer recomputes.
+outside other runs' unfilled spare GPUs, start leases on an envelope outside its window, exceed an
+envelope's concurrency or GPU-hours (or a lending or aggregate cap's), or take GPUs promised to
+another Reservation is rejected with a typed reason and nothing is written; the proposer
+recomputes.
 
 Commits are idempotent: lease names are deterministic, so leases that already exist are not
 created (or counted) again, and ends of leases that are already closed are skipped. A re-sent
@@ -20,14 +21,27 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 
 from shared.bus.messages import CommitRequest
+from shared.engine.accounting import Meter, Usage, usage_from_ledger
 from shared.engine.admit import claim_protection
 from shared.engine.bindplan import LeaseIntent, PodIntent, pod_name
+from shared.engine.cover import _hours_left, window_allows
 from shared.engine.fill import spare_room
-from shared.engine.model import FundingKind, Lease, ReservationClaim, Role, RunKey, RunRequest
+from shared.engine.model import (
+    AggregateCap,
+    Envelope,
+    FundingKind,
+    Lease,
+    LeaseReason,
+    ReservationClaim,
+    Role,
+    RunKey,
+    RunRequest,
+)
 from shared.engine.state import ClusterState
 from shared.engine.topology import occupancy as node_occupancy
 
@@ -35,6 +49,9 @@ RESERVATION_REASON_PREFIX = "Reservation:"
 """``CommitRequest.reason`` of a reservation's activation: ``Reservation:<namespace>/<name>``."""
 
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+_HOURS_SLACK = 1e-6
+"""GPU-hours of float noise tolerated in replayed figures (a few GPU-milliseconds)."""
 
 
 class ConflictReason(StrEnum):
@@ -47,7 +64,9 @@ class ConflictReason(StrEnum):
     NODE_CAPACITY = "NodeCapacity"
     FILL_ROOM = "FillRoom"
     UNKNOWN_ENVELOPE = "UnknownEnvelope"
+    ENVELOPE_WINDOW = "EnvelopeWindow"
     ENVELOPE_CONCURRENCY = "EnvelopeConcurrency"
+    ENVELOPE_GPU_HOURS = "EnvelopeGPUHours"
     LENDING_LIMIT = "LendingLimit"
     AGGREGATE_CAP = "AggregateCap"
     PROTECTED = "ProtectedReservation"
@@ -168,6 +187,11 @@ def intent_lease(intent: LeaseIntent) -> Lease:
     )
 
 
+def _closed_now(lease: Lease, closure: str, now: datetime) -> Lease:
+    """An open lease as it reads once closed at ``now``."""
+    return dataclasses.replace(lease, end=now, closure=closure)
+
+
 def ledger_view(state: ClusterState, inflight: Inflight) -> dict[str, Lease]:
     """Every lease the binder knows by name: the cache's, then in-flight creates and closes."""
     known = {lease.name: lease for lease in state.ledger}
@@ -176,7 +200,7 @@ def ledger_view(state: ClusterState, inflight: Inflight) -> dict[str, Lease]:
     for name, closure in inflight.closed.items():
         was = known.get(name)
         if was is not None and was.open:
-            known[name] = dataclasses.replace(was, end=state.now, closure=closure)
+            known[name] = _closed_now(was, closure, state.now)
     return known
 
 
@@ -325,17 +349,40 @@ def _cap_members(budget: str, refs: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ref if "/" in ref else f"{budget}/{ref}" for ref in refs))
 
 
+def _window_shut(envelope: Envelope, now: datetime) -> str:
+    """Why cover would not fund from ``envelope`` at ``now`` (its window is not open)."""
+    if envelope.end is not None and now >= envelope.end:
+        return (
+            f"envelope {envelope.key} closed at {envelope.end.isoformat()}; "
+            f"the commit is at {now.isoformat()}"
+        )
+    opens = envelope.start.isoformat() if envelope.start is not None else "?"
+    return (
+        f"envelope {envelope.key} opens at {opens} and does not admit before it "
+        f"(preActivation.allowAdmission); the commit is at {now.isoformat()}"
+    )
+
+
 def _check_budgets(
     state: ClusterState, creates: Sequence[Lease], open_after: Sequence[Lease]
 ) -> Rejection | None:
-    """Envelope concurrency, lending sub-caps and aggregate caps, counting only what grows."""
+    """Envelope windows, then concurrency of envelopes, lending sub-caps and aggregate caps,
+    counting only what grows.
+
+    The window rule is cover's (``window_allows`` at ``state.now``, as admission asks it), so a
+    start planned just before a window closed does not land after it. ``Swap`` leases are exempt:
+    they move GPUs the same envelope already pays (spare to active) and open no new spending.
+    """
     added, added_lent = _envelope_load(creates)
     held, held_lent = _envelope_load(open_after)
+    opening = {lease.envelope for lease in creates if lease.reason is not LeaseReason.SWAP}
     for key in sorted(added):
         try:
             envelope = state.family.envelope(key)
         except KeyError:
             return Rejection(ConflictReason.UNKNOWN_ENVELOPE, f"no envelope {key}")
+        if key in opening and not window_allows(envelope, state.now):
+            return Rejection(ConflictReason.ENVELOPE_WINDOW, _window_shut(envelope, state.now))
         now = held.get(key, 0)
         if now + added[key] > envelope.concurrency:
             return Rejection(
@@ -375,6 +422,110 @@ def _check_budgets(
     return None
 
 
+def _replay(leases: Iterable[Lease], caps: Iterable[AggregateCap], state: ClusterState) -> Usage:
+    """Accounting's usage of ``leases`` at ``state.now`` (spares at the spare factor).
+
+    An open lease dated after ``now`` (a proposer's clock a little ahead of ours) is counted
+    from ``now`` rather than skipped, so clock skew cannot hide a commit from the check.
+    """
+    now = state.now
+    dated = (
+        le if le.start <= now or not le.open else dataclasses.replace(le, start=now)
+        for le in leases
+    )
+    return usage_from_ledger(dated, caps, now=now, spare_factor=state.settings.spare_factor)
+
+
+def _hours_over(
+    limit: float, was: Meter, will: Meter, default_hours: float
+) -> tuple[float, float] | None:
+    """(GPU-hours used or promised, what the commit adds) when the commit overspends ``limit``.
+
+    Headroom is cover's (consumed + committed + one default duration per unbounded GPU). It must
+    stay ≥ 0, or not shrink when it was already negative (unbounded leases keep growing past
+    their default): a commit that adds nothing net, like a swap, is never refused for hours.
+    """
+    left_was = _hours_left(limit, was, default_hours)
+    left = _hours_left(limit, will, default_hours)
+    if left >= min(0.0, left_was) - _HOURS_SLACK:
+        return None
+    return limit - left_was, left_was - left
+
+
+def _hours_text(hours: float) -> str:
+    """GPU-hours for a message: two decimals at most."""
+    return f"{hours:.2f}".rstrip("0").rstrip(".")
+
+
+def _check_hours(
+    state: ClusterState,
+    creates: Sequence[Lease],
+    ledger: Iterable[Lease],
+    ends: Sequence[tuple[Lease, str]],
+) -> Rejection | None:
+    """GPU-hours of the envelopes, lending sub-caps and aggregate caps the commit adds GPUs to.
+
+    Cover bounded hours when the commit was planned, but two Runs planned on one snapshot can
+    both spend the same headroom. So accounting replays the binder's ledger (``ledger``: cache
+    plus in-flight writes) before the commit and after it (its ends closed now, its new leases
+    open), and cover's headroom rule prices both: each lease until its expected end, one default
+    duration for those without, spares at the spare factor.
+    """
+    family = state.family
+    added, added_lent = _envelope_load(creates)
+    envelopes = [family.envelope(key) for key in sorted(added)]
+    own = [(e.key, limit) for e in envelopes if (limit := e.max_gpu_hours) is not None]
+    lent = [
+        (e.key, limit)
+        for e in envelopes
+        if e.key in added_lent and (limit := e.lending.max_gpu_hours) is not None
+    ]
+    caps = {
+        cap.key: (cap, limit)
+        for e in envelopes
+        for cap in family.caps_for(e.key)
+        if (limit := cap.max_gpu_hours) is not None
+    }
+    if not own and not lent and not caps:
+        return None
+    members = set(added).union(*(_cap_members(c.budget, c.envelopes) for c, _ in caps.values()))
+    before = [lease for lease in ledger if lease.envelope in members]
+    closing = {lease.name: closure for lease, closure in ends}
+    after = [
+        _closed_now(le, closing[le.name], state.now) if le.name in closing else le for le in before
+    ]
+    bounded = [cap for cap, _ in caps.values()]
+    was = _replay(before, bounded, state)
+    will = _replay([*after, *creates], bounded, state)
+    default_hours = state.settings.default_duration / timedelta(hours=1)
+    envelope_checks = [
+        (f"envelope {key} allows", limit, was.envelope(key).total, will.envelope(key).total)
+        for key, limit in own
+    ]
+    lending_checks = [
+        (f"envelope {key} lends at most", limit, was.envelope(key).lent, will.envelope(key).lent)
+        for key, limit in lent
+    ]
+    cap_checks = [
+        (f"aggregate cap {key} allows", limit, was.cap(key), will.cap(key))
+        for key, (_, limit) in sorted(caps.items())
+    ]
+    checks = [
+        *((ConflictReason.ENVELOPE_GPU_HOURS, "used", "adds", *c) for c in envelope_checks),
+        *((ConflictReason.LENDING_LIMIT, "lent", "borrows", *c) for c in lending_checks),
+        *((ConflictReason.AGGREGATE_CAP, "used", "adds", *c) for c in cap_checks),
+    ]
+    for reason, used, verb, head, limit, before_meter, after_meter in checks:
+        over = _hours_over(limit, before_meter, after_meter, default_hours)
+        if over is not None:
+            return Rejection(
+                reason,
+                f"{head} {_hours_text(limit)} GPU-hours, {_hours_text(over[0])} {used} or "
+                f"promised; the commit {verb} {_hours_text(over[1])}",
+            )
+    return None
+
+
 def plan_commit(
     request: CommitRequest, state: ClusterState, inflight: Inflight | None = None
 ) -> CommitPlan | Rejection:
@@ -400,8 +551,10 @@ def plan_commit(
     open_after = [le for le in known.values() if le.open and le.name not in ending]
     new = [intent_lease(intent) for intent in creates]
     if new:
-        rejected = _check_nodes(request, state, new, open_after) or _check_budgets(
-            state, new, open_after
+        rejected = (
+            _check_nodes(request, state, new, open_after)
+            or _check_budgets(state, new, open_after)
+            or _check_hours(state, new, known.values(), ends)
         )
         if rejected is not None:
             return rejected

@@ -36,7 +36,7 @@ from shared.engine.model import (
     Role,
     RunKey,
 )
-from shared.engine.state import ClusterState
+from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import node_from_labels
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -78,16 +78,38 @@ BUDGETS = (
         ),
         caps=(AggregateCap("b", "ef", "H100", ("b/e", "b/f"), max_concurrency=20),),
     ),
+    Budget(
+        name="h",
+        owner="org:h",
+        parents=(),
+        envelopes=(
+            replace(_env("hours", 64), budget="h", max_gpu_hours=100),
+            replace(_env("window", 64), budget="h", start=T0 + H, end=T0 + 10 * H),
+            replace(_env("early", 64), budget="h", start=T0 + H, admission_before_start=True),
+            replace(
+                _env("lend", 64, lending=Lending(allow=True, to=("*",), max_gpu_hours=50)),
+                budget="h",
+            ),
+            replace(_env("c1", 64), budget="h"),
+            replace(_env("c2", 64), budget="h"),
+        ),
+        caps=(AggregateCap("h", "pair", "H100", ("c1", "c2"), max_gpu_hours=100),),
+    ),
 )
 
 
 def state(
-    ledger: Iterable[Lease] = (), *, claims: Iterable[ReservationClaim] = (), now: datetime = T0
+    ledger: Iterable[Lease] = (),
+    *,
+    claims: Iterable[ReservationClaim] = (),
+    now: datetime = T0,
+    settings: Settings | None = None,
 ) -> ClusterState:
     nodes = [
         _node("n1"),
         _node("n2"),
         _node("n3"),
+        _node("big", 64),
         _node("cordoned", cordoned=True),
         _node("down", ready=False),
     ]
@@ -97,6 +119,7 @@ def state(
         budgets=BUDGETS,
         ledger=ledger,
         claims=claims,
+        settings=settings,
     )
 
 
@@ -110,7 +133,9 @@ def intent(
     role: Role = Role.ACTIVE,
     funding: FundingKind = FundingKind.OWNED,
     run: RunKey = RUN,
+    start: datetime = T0,
     expected_end: datetime | None = None,
+    reason: LeaseReason = LeaseReason.START,
 ) -> LeaseIntent:
     return LeaseIntent(
         name=name,
@@ -124,8 +149,8 @@ def intent(
         envelope=envelope,
         payer_owner="org:a",
         funding=funding,
-        start=T0,
-        reason=LeaseReason.START,
+        start=start,
+        reason=reason,
         expected_end=expected_end,
         comp_path=("GROUP[0]", f"RANK[{rank}]"),
     )
@@ -305,6 +330,161 @@ def test_sponsor_leases_respect_the_lenders_sub_cap() -> None:
 def test_an_envelope_that_does_not_lend_cannot_sponsor() -> None:
     lent = intent("l0", "n1", 1, envelope="b/e", funding=FundingKind.SPONSOR)
     assert rejected(plan_commit(commit([lent]), state())).reason is ConflictReason.LENDING_LIMIT
+
+
+# --------------------------------------------------------------------------- GPU-hours, windows
+
+
+def hours(name: str, gpus: int, end: datetime | None = T0 + 10 * H, **kw: object) -> LeaseIntent:
+    """A lease on node big, envelope h/hours (100 GPU-hours), expected to end at ``end``."""
+    kw.setdefault("envelope", "h/hours")
+    kw.setdefault("rank", 0)
+    return intent(name, "big", gpus, expected_end=end, **kw)  # type: ignore[arg-type]
+
+
+def test_envelope_gpu_hours_count_used_promised_and_what_the_commit_adds() -> None:
+    # y used 4 × 2 h and is closed; x has used 4 × 2 h and is promised 4 × 8 h more.
+    y = replace(intent_lease(hours("y", 4, run=OTHER)), end=T0 + 2 * H, closure="Completed")
+    x = intent_lease(hours("x", 4, run=OTHER))
+    now = T0 + 2 * H
+    fits = commit([hours("l0", 6, start=now, end=now + 8 * H)])  # 48 more: 96 in all
+    assert check_commit(fits, state([x, y], now=now)) is None
+    over = commit([hours("l0", 7, start=now, end=now + 8 * H)])
+    result = rejected(plan_commit(over, state([x, y], now=now)))
+    assert result.reason is ConflictReason.ENVELOPE_GPU_HOURS
+    assert result.text == (
+        "EnvelopeGPUHours: envelope h/hours allows 100 GPU-hours, 48 used or promised; "
+        "the commit adds 56"
+    )
+
+
+def test_leases_without_an_expected_end_are_priced_at_the_default_duration() -> None:
+    settings = Settings(default_duration=10 * H)
+    x = intent_lease(hours("x", 5, end=None, run=OTHER))  # 5 × 10 h
+    fits = commit([hours("l0", 5, end=None)])
+    assert check_commit(fits, state([x], settings=settings)) is None
+    result = rejected(
+        plan_commit(commit([hours("l0", 6, end=None)]), state([x], settings=settings))
+    )
+    assert "50 used or promised; the commit adds 60" in result.message
+    # The default of 24 h makes even 5 GPUs too much.
+    assert check_commit(fits, state([x])) is not None
+
+
+def test_spare_gpu_hours_are_charged_at_the_spare_factor() -> None:
+    gang = [hours("l0", 4), hours("s0", 8, role=Role.SPARE, rank=-1)]  # 40 h + 80 h × factor
+    assert check_commit(commit(gang), state(settings=Settings(spare_factor=0.5))) is None
+    result = rejected(plan_commit(commit(gang), state()))
+    assert "0 used or promised; the commit adds 120" in result.message
+
+
+def test_two_commits_that_each_fit_cannot_both_spend_the_same_hours() -> None:
+    first = commit([hours("a0", 6)])
+    second = commit([hours("b0", 6, run=RUN)])
+    assert check_commit(first, state()) is None
+    assert check_commit(second, state()) is None
+    inflight = Inflight().with_commit([intent_lease(i) for i in first.leases], [])
+    result = rejected(plan_commit(second, state(), inflight))
+    assert result.reason is ConflictReason.ENVELOPE_GPU_HOURS
+    assert "allows 100 GPU-hours, 60 used or promised; the commit adds 60" in result.message
+    # Once the first is visible in the cache the answer is the same.
+    seen = state([intent_lease(i) for i in first.leases])
+    assert rejected(plan_commit(second, seen)).reason is ConflictReason.ENVELOPE_GPU_HOURS
+
+
+def test_a_re_sent_commit_is_not_charged_for_its_own_hours_again() -> None:
+    intents = [hours("l0", 8, rank=0), hours("l1", 2, rank=1)]
+    full = state([intent_lease(i) for i in intents])  # 100 of 100 GPU-hours promised
+    assert accepted(plan_commit(commit(intents), full)).noop
+    inflight = Inflight().with_commit([intent_lease(i) for i in intents], [])
+    assert accepted(plan_commit(commit(intents), state(), inflight)).noop
+    partly = state([intent_lease(intents[0])])
+    assert [i.name for i in accepted(plan_commit(commit(intents), partly)).creates] == ["l1"]
+
+
+def test_ends_in_the_commit_free_their_promised_hours() -> None:
+    x = intent_lease(hours("x", 8, run=OTHER))  # 80 promised
+    start = commit([hours("l0", 8)])
+    assert rejected(plan_commit(start, state([x]))).reason is ConflictReason.ENVELOPE_GPU_HOURS
+    swap = commit([hours("l0", 8)], ends=[("x", "Shrink")])
+    assert check_commit(swap, state([x])) is None
+    in_flight_end = Inflight().with_commit([], [("x", "Completed")])
+    assert check_commit(start, state([x]), in_flight_end) is None
+
+
+def test_a_commit_that_adds_no_hours_passes_an_envelope_already_over() -> None:
+    # Unbounded leases grow past their default: 8 GPUs × (10 h used + 24 h default) > 100.
+    x = intent_lease(hours("x", 8, end=None, run=RUN, rank=0))
+    late = state([x], now=T0 + 10 * H)
+    swap = commit(
+        [hours("x2", 8, end=None, start=T0 + 10 * H, reason=LeaseReason.SWAP)],
+        ends=[("x", "NodeFailure")],
+    )
+    assert check_commit(swap, late) is None
+    grow = commit([hours("l1", 1, end=None, start=T0 + 10 * H, rank=1)])
+    result = rejected(plan_commit(grow, late))
+    assert "allows 100 GPU-hours, 272 used or promised; the commit adds 24" in result.message
+
+
+def test_a_lease_dated_after_now_is_still_counted() -> None:
+    skewed = commit([hours("l0", 11, start=T0 + H / 60, end=T0 + 10 * H)])
+    assert rejected(plan_commit(skewed, state())).reason is ConflictReason.ENVELOPE_GPU_HOURS
+
+
+def test_lending_gpu_hours_bound_only_what_is_lent() -> None:
+    kw: dict[str, object] = {"envelope": "h/lend", "funding": FundingKind.SPONSOR}
+    x = intent_lease(hours("x", 2, run=OTHER, **kw))  # 20 lent
+    fits = commit([hours("l0", 3, **kw)])
+    assert check_commit(fits, state([x])) is None
+    result = rejected(plan_commit(commit([hours("l0", 4, **kw)]), state([x])))
+    assert result.reason is ConflictReason.LENDING_LIMIT
+    assert result.message == (
+        "envelope h/lend lends at most 50 GPU-hours, 20 lent or promised; the commit borrows 40"
+    )
+    own = commit([hours("l0", 8, envelope="h/lend")])  # 80 h, but not lent
+    assert check_commit(own, state([x])) is None
+
+
+def test_aggregate_cap_gpu_hours_bound_its_envelopes_together() -> None:
+    x = intent_lease(hours("x", 6, run=OTHER, envelope="h/c1"))  # 60
+    assert check_commit(commit([hours("l0", 4, envelope="h/c2")]), state([x])) is None
+    result = rejected(plan_commit(commit([hours("l0", 5, envelope="h/c2")]), state([x])))
+    assert result.reason is ConflictReason.AGGREGATE_CAP
+    assert result.message == (
+        "aggregate cap h/pair allows 100 GPU-hours, 60 used or promised; the commit adds 50"
+    )
+
+
+@pytest.mark.parametrize(
+    ("now", "why"),
+    [
+        (T0, "envelope h/window opens at 2026-01-01T01:00:00+00:00 and does not admit before it"),
+        (T0 + 10 * H, "envelope h/window closed at 2026-01-01T10:00:00+00:00"),
+    ],
+)
+def test_new_leases_need_their_envelopes_window_open(now: datetime, why: str) -> None:
+    req = commit([intent("l0", envelope="h/window", start=now)])
+    result = rejected(plan_commit(req, state(now=now)))
+    assert result.reason is ConflictReason.ENVELOPE_WINDOW
+    assert result.message.startswith(why)
+    assert check_commit(req, state(now=T0 + H)) is None
+
+
+def test_windows_follow_cover_pre_activation_and_spare_swaps() -> None:
+    early = commit([intent("l0", envelope="h/early")])  # allowAdmission before start
+    assert check_commit(early, state()) is None
+    # A swap moves GPUs the envelope already pays; a re-sent start writes nothing.
+    x = intent_lease(intent("x", "n1", run=RUN, envelope="h/window", start=T0 + H))
+    late = state([x], now=T0 + 11 * H)
+    swap = commit(
+        [intent("x2", "n2", envelope="h/window", start=T0 + 11 * H, reason=LeaseReason.SWAP)],
+        ends=[("x", "NodeFailure")],
+    )
+    assert check_commit(swap, late) is None
+    restart = replace(swap.leases[0], reason=LeaseReason.START)
+    start = commit([restart], ends=[("x", "NodeFailure")])
+    assert rejected(plan_commit(start, late)).reason is ConflictReason.ENVELOPE_WINDOW
+    assert accepted(plan_commit(commit([intent("x", envelope="h/window")]), late)).noop
 
 
 # --------------------------------------------------------------------------- reservations
