@@ -17,6 +17,11 @@ ADMISSION_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
 )
 
+EARLY_STARTS = Counter(
+    "jobtree_runs_early_starts_total",
+    "Reserved Runs that started before their Reservation's earliestStart (capacity freed early).",
+)
+
 BUDGET_CONCURRENCY = Gauge(
     "jobtree_budgets_concurrency_gpus",
     "GPUs held now by leases an envelope pays, by class (owned, shared, borrowed, spare).",

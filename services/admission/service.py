@@ -48,6 +48,7 @@ from shared.bus.tracing import run_decision
 from shared.control import run_status as rs
 from shared.control.budget_status import budget_status, envelope_figures, material
 from shared.control.dependencies import check_after
+from shared.control.reservations import LABEL_MANAGED_BY, MANAGED_BY
 from shared.control.tenancy import check_owner
 from shared.engine.admit import Blocked, widths
 from shared.engine.bindplan import BindIntent, bind_plan, to_leases
@@ -154,6 +155,8 @@ class AdmissionService:
         self._written: dict[RunKey, Obj] = {}
         self._backoff: dict[RunKey, tuple[int, float]] = {}
         self._inflight: dict[RunKey, tuple[frozenset[str], bool, float]] = {}
+        self._early: set[RunKey] = set()
+        """Reserved Runs to try starting now (capacity or money freed since they reserved)."""
         self._seen: dict[str, float] = {}
         self._measured: set[str] = set()
         self._dirty_budgets: set[str] = set()
@@ -261,16 +264,21 @@ class AdmissionService:
         return keys
 
     def _enqueue_waiting(self, namespace: str | None = None, *, growing: bool = False) -> None:
-        """Queue Runs that may be able to start now (not started, no Reservation), and with
-        ``growing`` also running Runs below their desired width (capacity or money freed)."""
+        """Queue Runs that may be able to start now (not started), and with ``growing`` (capacity
+        or money freed) also running Runs below their desired width and Reserved Runs, which
+        then try to start before their Reservation's earliestStart."""
         for obj in self.cache.objects("runs").values():
             meta = _meta(obj)
             if namespace is not None and meta.get("namespace") != namespace:
                 continue
             status = obj.get("status") or {}
             phase = status.get("phase") or ""
-            if phase in ("", rs.PENDING) or (growing and rs.may_grow(status)):
-                self.queue.add((str(meta.get("namespace")), str(meta.get("name"))))
+            key = (str(meta.get("namespace")), str(meta.get("name")))
+            if growing and phase == rs.RESERVED:
+                self._early.add(key)
+                self.queue.add(key)
+            elif phase in ("", rs.PENDING) or (growing and rs.may_grow(status)):
+                self.queue.add(key)
 
     def _on_run(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         meta = _meta(obj)
@@ -282,6 +290,7 @@ class AdmissionService:
             self._written.pop(key, None)
             self._backoff.pop(key, None)
             self._inflight.pop(key, None)
+            self._early.discard(key)
             return
         self.queue.add(key)
         phase = (obj.get("status") or {}).get("phase")
@@ -410,6 +419,11 @@ class AdmissionService:
             await self._write(key, obj, verdict.status, hours_matter=refresh)
             if verdict.result:
                 self._measure(uid, request.flavor, verdict.result)
+            early = key in self._early
+            self._early.discard(key)
+            if early and facts.reservation is not None and facts.reservation.may_start_early:
+                with run_decision(key[0], key[1], uid):
+                    await self._start_early(key, obj, facts)
         elif isinstance(verdict, rs.Observe):
             metrics.RECONCILES.labels("observe").inc()
             await self._write(key, obj, verdict.status, hours_matter=refresh)
@@ -469,12 +483,14 @@ class AdmissionService:
             at = rs.parse_stamp((obj.get("spec") or {}).get("earliestStart"))
             if at is None:
                 continue
+            labels = _meta(obj).get("labels") or {}
             live.append(
                 rs.LiveReservation(
                     name=str(_meta(obj).get("name")),
                     earliest_start=at,
                     state=str(status.get("state") or "Pending"),
                     message=str(status.get("message") or ""),
+                    managed=labels.get(LABEL_MANAGED_BY) == MANAGED_BY,
                 )
             )
         return min(live, key=lambda r: (r.earliest_start, r.name)) if live else None
@@ -599,6 +615,22 @@ class AdmissionService:
             reason, message = outcome.reason, outcome.message
         await self._write(key, obj, rs.pending_status(facts, reason, message), hours_matter=True)
         self._back_off(key, gen)
+
+    async def _start_early(self, key: RunKey, obj: Obj, facts: rs.Facts) -> None:
+        """A Reserved Run tries to start now: capacity or money freed before its ETA. Only a bind
+        changes anything (the forecaster then cancels the Reservation, ``StartedEarly``); a Run
+        that still does not fit keeps its Reservation, which still protects its place."""
+        outcome = await self._attempt(facts.request, facts)
+        if isinstance(outcome, _Conflict):
+            metrics.COMMITS.labels("Start", "conflict").inc()
+        if not isinstance(outcome, _Bound):
+            return
+        metrics.COMMITS.labels("Start", "ok").inc()
+        metrics.EARLY_STARTS.inc()
+        log.info("reserved run started early", extra={"run": "/".join(key)})
+        status = rs.bound_status(facts, to_leases(outcome.intent))
+        await self._write(key, obj, status, hours_matter=True)
+        self.queue.add_after(key, 2.0)
 
     def _back_off(self, key: RunKey, generation: int, delay: float | None = None) -> None:
         delay = self.config.backoff_seconds if delay is None else delay

@@ -52,7 +52,7 @@ from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
 from shared.engine.forecast import forecast, request_scope
-from shared.engine.model import RunKey
+from shared.engine.model import Role, RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
@@ -317,8 +317,7 @@ class Forecaster:
         state: ClusterState | None = None
         retry = timedelta(seconds=self.options.retry_seconds)
         for view in views:
-            run_obj = self.cache.run_object(view.run)
-            facts = None if run_obj is None else rv.RunFacts(*self._identity(run_obj))
+            facts = self._facts(view)
             step = rv.next_step(
                 view, facts, now, retry_after=retry, in_flight=view.key in self._activating
             )
@@ -375,7 +374,12 @@ class Forecaster:
 
     def _facts(self, view: rv.ReservationView) -> rv.RunFacts | None:
         run_obj = self.cache.run_object(view.run)
-        return None if run_obj is None else rv.RunFacts(*self._identity(run_obj))
+        if run_obj is None:
+            return None
+        running = any(
+            lease.open and lease.role is not Role.SPARE for lease in self.cache.leases_of(view.run)
+        )
+        return rv.RunFacts(*self._identity(run_obj), running=running)
 
     async def _status(
         self, view: rv.ReservationView, status: dict[str, Any], *, only_if_changed: bool = False

@@ -408,9 +408,26 @@ def waiting_status(view: ReservationView, now: datetime) -> dict[str, Any]:
     }
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def owned_status(status: Mapping[str, Any]) -> dict[str, Any]:
-    """The forecaster's fields of a stored status (what a re-apply must carry again)."""
-    return {key: status[key] for key in FORECAST_FIELDS if key in status}
+    """The forecaster's fields of a stored status (what a re-apply must carry again).
+
+    Nulls are dropped: when an apply empties a map the manager owned (the conflict set's
+    ``killProbability`` once nobody is at risk), the API server may store it as ``null``, which
+    the schema refuses when applied back.
+    """
+    return {
+        key: _without_nulls(status[key])
+        for key in FORECAST_FIELDS
+        if key in status and status[key] is not None
+    }
 
 
 def refreshed_status(
@@ -473,10 +490,16 @@ class RunFacts:
 
     uid: str
     generation: int
+    running: bool = False
+    """The Run holds working leases: it started without waiting for this Reservation."""
+
+
+STARTED_EARLY = "StartedEarly"
 
 
 def cancel_reason(view: ReservationView, run: RunFacts | None) -> tuple[str, str] | None:
-    """(reason, message) when the Run the Reservation serves was deleted or changed spec."""
+    """(reason, message) when the Run the Reservation serves was deleted or changed spec, or
+    (for a forecaster-made Reservation not yet activated) already started without it."""
     served = run_label(view.run)
     if run is None:
         if view.run_uid is None:
@@ -488,6 +511,11 @@ def cancel_reason(view: ReservationView, run: RunFacts | None) -> tuple[str, str
         return (
             "RunChanged",
             f"Run {served} changed spec (generation {view.run_generation} -> {run.generation})",
+        )
+    if run.running and view.managed and view.state is ReservationState.PENDING:
+        return (
+            STARTED_EARLY,
+            f"Run {served} started before earliestStart: capacity freed up earlier than forecast",
         )
     return None
 

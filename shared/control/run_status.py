@@ -288,6 +288,13 @@ class LiveReservation:
     earliest_start: datetime
     state: str
     message: str = ""
+    managed: bool = True
+    """Made by the forecaster (not an administrator): the Run may start before it if it can."""
+
+    @property
+    def may_start_early(self) -> bool:
+        """Not activated yet, and not an administrator's choice of time."""
+        return self.managed and self.state == "Pending"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from shared.control.reservations import (
     cleared_condition,
     next_reservation_name,
     next_step,
+    owned_status,
     pending_status,
     preview_status,
     read_reservation,
@@ -277,6 +278,21 @@ def test_timer_steps() -> None:
         assert next_step(view_of({"state": done}), run, eta, retry_after=retry) is Step.NOTHING
 
 
+def test_a_pending_reservation_of_a_run_that_started_early_is_canceled() -> None:
+    running = RunFacts(uid=REF.uid, generation=2, running=True)
+    retry = timedelta(seconds=30)
+    pending = view_of({"state": "Pending"})
+    assert next_step(pending, running, T0, retry_after=retry) is Step.CANCEL
+    reason, message = cancel_reason(pending, running) or ("", "")
+    assert reason == "StartedEarly" and "started before earliestStart" in message
+    # Activation under way: the resolver releases it (AlreadyRunning or bound), not the timer.
+    active = view_of({"state": "Active", "activatedAt": "2026-03-01T17:00:00Z"})
+    assert cancel_reason(active, running) is None
+    # An administrator chose the time: the Reservation stays until it activates.
+    admin = view_of({"state": "Pending"}, labels={})
+    assert not admin.managed and cancel_reason(admin, running) is None
+
+
 def test_administrator_reservations_wait_for_their_run_then_initialise() -> None:
     admin = view_of(None, labels={}, annotations={})
     assert not admin.managed and admin.run_uid is None
@@ -428,3 +444,16 @@ def test_a_scope_without_nodes_is_unreservable_and_names_the_runs_own_selector()
     some = Scope(flavor="H100-80GB", nodes=frozenset({"n1"}), label="H100-80GB@*/*/*")
     assert unreservable(some) is None
     assert unreservable(Scope(flavor="H100-80GB", nodes=None, label="H100-80GB@*/*/*")) is None
+
+
+def test_owned_status_drops_the_nulls_the_api_server_leaves_for_emptied_maps() -> None:
+    stored = {
+        "state": "Pending",
+        "activatedAt": None,
+        "forecast": {"deficitGPUs": 8, "killProbability": None, "conflictSet": []},
+        "audit": {"seed": "x"},
+    }
+    assert owned_status(stored) == {
+        "state": "Pending",
+        "forecast": {"deficitGPUs": 8, "conflictSet": []},
+    }
