@@ -66,6 +66,7 @@ from shared.control.commit_check import (
     ledger_view,
     plan_commit,
     pod_changes,
+    pods_touched,
     same_incarnation,
 )
 from shared.control.lifecycle import MISSING_GRACE, Outcome, PodView, RunView, decide
@@ -431,7 +432,7 @@ class Binder:
             clash = rank_clash(plan)
             if clash is not None:
                 return self._reject(req, Rejection(ConflictReason.INVALID, clash))
-            pod_states = self._pod_states()
+            pod_states = self._pod_states(pods_touched(plan))
             changes = pod_changes(plan, pod_states)
             counted = [intent_lease(intent) for intent in plan.creates]
             if counted:
@@ -819,9 +820,10 @@ class Binder:
 
     # ------------------------------------------------------------------ reads
 
-    def _pod_states(self) -> dict[PodKey, PodState]:
-        states = (pod_state(obj) for obj in self.pods.items.values())
-        return {state.key: state for state in states}
+    def _pod_states(self, keys: Iterable[PodKey]) -> dict[PodKey, PodState]:
+        """What the pod cache says about these pods (absent ones are left out)."""
+        found = ((key, self.pods.get(f"{key[0]}/{key[1]}")) for key in keys)
+        return {key: pod_state(obj) for key, obj in found if obj is not None}
 
     async def _live_run(self, key: RunKey) -> Obj | None:
         """The Run object: from the cache, else from the API server (the cache may lag)."""

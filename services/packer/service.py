@@ -318,10 +318,12 @@ class Packer:
         metrics.NODES_MISSING_LABELS.set(self.cache.missing_label_nodes)
         topology = self.cache.topology
         metrics.TOPOLOGY_NODES.set(len(topology))
-        nodes = {name: node_condition(obj) for name, obj in self.cache.objects("nodes").items()}
-        failures, self.health = evaluate(
-            nodes, leased_nodes(topology), self.health, now, self.options.node_grace
-        )
+        # Only nodes under open leases can fail a gang: reading every node's conditions each
+        # pass cost half the packer's CPU on a 1,000-node fleet.
+        leased = leased_nodes(topology)
+        objects = self.cache.objects("nodes")
+        nodes = {name: node_condition(objects[name]) for name in leased if name in objects}
+        failures, self.health = evaluate(nodes, leased, self.health, now, self.options.node_grace)
         for failure in failures:
             event = NodeFailed(node=failure.node, at=failure.since, reason=failure.reason)
             msg_id = f"{failure.node}:{failure.reason}:{failure.since.isoformat()}"

@@ -634,6 +634,18 @@ def same_incarnation(pod: PodState, intent: PodIntent, leases: Iterable[str]) ->
     return not pod.leases or set(pod.leases) == set(leases)
 
 
+def pods_touched(plan: CommitPlan) -> set[PodKey]:
+    """The only pods ``pod_changes`` looks at: the ranks the commit starts and the ranks of the
+    working leases it ends (so a commit reads a handful of pods, not every pod in the cache)."""
+    keys = {(intent.run[0], intent.name) for intent in plan.pods}
+    keys.update(
+        (lease.run[0], pod_name(lease.run[1], lease.group, lease.rank))
+        for lease, _ in plan.ends
+        if lease.rank >= 0 and lease.role is not Role.SPARE
+    )
+    return keys
+
+
 def pod_changes(plan: CommitPlan, pods: Mapping[PodKey, PodState]) -> PodChanges:
     """Which pods to delete, replace and create so pods match the leases after the commit.
 

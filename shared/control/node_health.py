@@ -88,9 +88,10 @@ def evaluate(
 ) -> tuple[tuple[NodeFailure, ...], HealthState]:
     """New failures among ``leased`` nodes (those holding open leases) and the next state.
 
-    ``nodes`` holds every node that still exists. A deleted node fails at once: its pods are
-    gone with it. A NotReady node fails once it has been NotReady for ``grace``, counted from
-    its Ready condition's last transition, or from when it was first seen NotReady.
+    ``nodes`` holds the nodes that still exist (at least the leased ones; others are not read).
+    A deleted node fails at once: its pods are gone with it. A NotReady node fails once it has
+    been NotReady for ``grace``, counted from its Ready condition's last transition, or from
+    when it was first seen NotReady.
     """
     failures: list[NodeFailure] = []
     reported = set(state.reported)

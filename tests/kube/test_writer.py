@@ -172,6 +172,26 @@ async def test_make_client_reads_kubeconfig_from_the_environment(
 
 
 @session_loop
+async def test_the_client_trusts_the_environment_only_when_it_names_a_proxy(
+    cluster: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trusting the environment makes aiohttp parse ~/.netrc on every request, so it is only
+    switched on when a proxy variable is set (a kubeconfig proxy-url applies either way)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    plain = await make_client(str(cluster.kubeconfig))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    proxied = await make_client(str(cluster.kubeconfig))
+    try:
+        assert plain.rest_client.pool_manager.trust_env is False
+        assert await get(plain, NODES, NODE) is not None
+        assert proxied.rest_client.pool_manager.trust_env is True
+    finally:
+        await plain.close()
+        await proxied.close()
+
+
+@session_loop
 async def test_status_is_server_side_applied_per_field_manager(api: ApiClient) -> None:
     await create(api, RUNS, run_obj("ssa"))
     await patch_status(

@@ -20,6 +20,7 @@ from shared.control.commit_check import (
     occupancy,
     plan_commit,
     pod_changes,
+    pods_touched,
     reservation_of,
 )
 from shared.engine.bindplan import LeaseIntent, PodIntent
@@ -671,3 +672,18 @@ def test_ends_of_other_runs_delete_their_pods_in_their_own_namespace() -> None:
     changes = pod_changes(plan, _pods(theirs, same_name_elsewhere))
     assert changes.delete == (("team-b", "victim-g0-r0"),)
     assert [p.name for p in changes.create] == ["train-g0-r0"]
+
+
+def test_a_commit_touches_only_its_new_ranks_pods_and_the_pods_of_ranks_it_ends() -> None:
+    victim = held("v0", "n1", 8, run=("team-b", "victim"))
+    spare = held("s0", "n2", 8, run=("team-b", "victim"), role=Role.SPARE, rank=-1)
+    req = commit(
+        [intent("l0", "n1", 8)], [pod(0)], ends=[("v0", "RandomPreempt(abc)"), ("s0", "Swap")]
+    )
+    plan = accepted(plan_commit(req, state([victim, spare])))
+    assert pods_touched(plan) == {("ns", "train-g0-r0"), ("team-b", "victim-g0-r0")}
+    theirs = PodState("team-b", "victim-g0-r0", "n1", "Running", ("v0",))
+    unrelated = PodState("ns", "other-g0-r0", "n3", "Running", ("o0",))
+    everything = _pods(theirs, unrelated)
+    touched = {k: v for k, v in everything.items() if k in pods_touched(plan)}
+    assert pod_changes(plan, touched) == pod_changes(plan, everything)
