@@ -39,6 +39,7 @@ from shared.bus.process import serve_service
 from shared.control.node_health import (
     DEFAULT_GRACE,
     HealthState,
+    NodeCondition,
     NodeFailure,
     evaluate,
     node_condition,
@@ -176,13 +177,6 @@ def _result(reply: PlanReply) -> str:
     return "fill" if placement_gpus(reply.placement, fill=True) else "fit"
 
 
-def leased_nodes(topology: Topology) -> set[str]:
-    """Nodes holding open leases, including nodes the topology no longer knows (deleted)."""
-    held = {node.name for node in topology if topology.used(node.name) > 0}
-    held.update(name for name, gpus in topology.orphan_usage().items() if gpus > 0)
-    return held
-
-
 class Packer:
     """PLAN endpoint and node health loop over one cluster cache."""
 
@@ -198,6 +192,8 @@ class Packer:
             gpu_resource=self.options.gpu_resource,
         )
         self.health = HealthState()
+        self._conditions: dict[str, tuple[object, NodeCondition]] = {}
+        """Node → (resourceVersion, its readiness): parsed again only when the Node changes."""
         self.assumed: dict[RunKey, Assumption] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -312,6 +308,16 @@ class Packer:
             except Exception:
                 log.exception("node health pass failed")
 
+    def _condition(self, obj: Obj) -> NodeCondition:
+        meta = obj.get("metadata") or {}
+        name, version = str(meta.get("name") or ""), meta.get("resourceVersion")
+        known = self._conditions.get(name)
+        if known is not None and version is not None and known[0] == version:
+            return known[1]
+        condition = node_condition(obj)
+        self._conditions[name] = (version, condition)
+        return condition
+
     async def check_nodes(self, now: datetime | None = None) -> tuple[NodeFailure, ...]:
         """One health pass: announce new failures; returns them."""
         now = now or utcnow()
@@ -320,10 +326,12 @@ class Packer:
         metrics.TOPOLOGY_NODES.set(len(topology))
         # Only nodes under open leases can fail a gang: reading every node's conditions each
         # pass cost half the packer's CPU on a 1,000-node fleet.
-        leased = leased_nodes(topology)
+        leased = topology.in_use()
         objects = self.cache.objects("nodes")
-        nodes = {name: node_condition(objects[name]) for name in leased if name in objects}
+        nodes = {name: self._condition(objects[name]) for name in leased if name in objects}
         failures, self.health = evaluate(nodes, leased, self.health, now, self.options.node_grace)
+        if len(self._conditions) > 2 * len(objects):  # forget nodes that are gone
+            self._conditions = {n: c for n, c in self._conditions.items() if n in objects}
         for failure in failures:
             event = NodeFailed(node=failure.node, at=failure.since, reason=failure.reason)
             msg_id = f"{failure.node}:{failure.reason}:{failure.since.isoformat()}"

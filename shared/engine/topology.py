@@ -330,6 +330,18 @@ class Topology:
         loc = self._where.get(name)
         return None if loc is None else loc[1]
 
+    def in_use(self) -> set[str]:
+        """Nodes holding GPUs of open leases, known to this snapshot or not (deleted nodes)."""
+        held = {
+            name
+            for cells in self._index.values()
+            for cell in cells.values()
+            for name, used in cell.used.items()
+            if used > 0
+        }
+        held.update(name for name, leases in self._orphans.items() if occupancy(leases.values()))
+        return held
+
     def orphan_usage(self) -> Mapping[str, int]:
         """GPUs held by open leases on nodes this snapshot does not know (e.g. deleted nodes)."""
         return MappingProxyType({n: occupancy(ls.values()) for n, ls in self._orphans.items()})

@@ -124,6 +124,13 @@ def test_lease_seen_before_its_node_counts_once_node_appears() -> None:
     assert t.free("late-01") == 5 and t.orphan_usage() == {}
 
 
+def test_in_use_lists_nodes_under_open_leases_including_unknown_ones() -> None:
+    t = topo([node("n-01"), node("n-02"), node("n-03")], [lease("n-01", 8), lease("n-02", 2)])
+    t = t.with_lease(lease("gone-01", 4, name="orphan"))
+    assert t.in_use() == {"n-01", "n-02", "gone-01"}
+    assert t.in_use() == {n.name for n in t if t.used(n.name) > 0} | set(t.orphan_usage())
+
+
 def test_without_node_remembers_usage_and_restores_it() -> None:
     t = topo([node("n-01"), node("n-02")], [lease("n-01", 8)])
     gone = t.without_node("n-01")
