@@ -239,6 +239,18 @@ class CommitFailed(Exception):
     """The API server failed part-way through applying a commit (re-sending completes it)."""
 
 
+def _representatives(
+    intents: Iterable[PodIntent], bodies: Mapping[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One pod body per GPU count: a gang's pods come from one template and differ only in
+    name, node, rank and GPUs, so admission control that refuses one refuses all of that size.
+    (Dry-running every pod cost one extra API request per rank.)"""
+    seen: dict[int, dict[str, Any]] = {}
+    for intent in intents:
+        seen.setdefault(intent.gpus, bodies[intent.name])
+    return list(seen.values())
+
+
 class RunTurns:
     """One commit at a time per Run; commits of disjoint Runs go ahead side by side.
 
@@ -473,7 +485,7 @@ class Binder:
                     pods = {pod.name: self._pod_body(plan, pod, run_obj) for pod in changes.create}
                 except (ValueError, TranslateError) as exc:
                     return self._reject(req, Rejection(ConflictReason.INVALID, str(exc)))
-                refused = await self._dry_run_pods(pods.values())
+                refused = await self._dry_run_pods(_representatives(changes.create, pods))
                 if refused is not None:
                     return self._reject(req, "InvalidPod", refused)
             if plan.creates or plan.ends or changes.delete or changes.replace or changes.create:

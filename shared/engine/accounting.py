@@ -201,20 +201,75 @@ def _build(
     )
 
 
+class Settled:
+    """The closed part of a ledger, summed once: an ended lease adds the same GPU-hours to every
+    later snapshot, so a long-lived cache keeps their totals here and a snapshot replays only the
+    open leases (``usage_from_ledger(open, settled=...)``). Adding a lease again is a no-op."""
+
+    __slots__ = ("_accs", "_leases", "latest_end")
+
+    def __init__(self) -> None:
+        self._accs: dict[str, list[list[int]]] = {}
+        self._leases: dict[str, Lease] = {}
+        self.latest_end = _NEVER
+        """Latest end (µs) among the leases; snapshots before it must replay them instead."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._leases
+
+    def _apply(self, lease: Lease, sign: int) -> None:
+        assert lease.end is not None
+        acc = self._accs.get(lease.envelope)
+        if acc is None:
+            acc = self._accs[lease.envelope] = _new_acc()
+        acc[_bucket(lease)][_CLOSED] += sign * lease.gpus * (to_us(lease.end) - to_us(lease.start))
+
+    def add(self, lease: Lease) -> None:
+        """Record an ended lease (``lease.end`` set)."""
+        if lease.end is None:
+            raise ValueError(f"lease {lease.name} is open: only ended leases are settled")
+        if lease.name in self._leases:
+            return
+        self._leases[lease.name] = lease
+        self._apply(lease, 1)
+        self.latest_end = max(self.latest_end, to_us(lease.end))
+
+    def discard(self, name: str) -> None:
+        """Forget a lease (its object was deleted); ``latest_end`` stays as a safe bound."""
+        lease = self._leases.pop(name, None)
+        if lease is not None:
+            self._apply(lease, -1)
+
+    def leases(self) -> Iterable[Lease]:
+        return self._leases.values()
+
+    def accumulators(self) -> dict[str, list[list[int]]]:
+        """A copy to build a snapshot on."""
+        return {key: [list(row) for row in acc] for key, acc in self._accs.items()}
+
+
 def usage_from_ledger(
     leases: Iterable[Lease],
     caps: Iterable[AggregateCap] = (),
     *,
     now: datetime,
     spare_factor: float = 1.0,
+    settled: Settled | None = None,
 ) -> Usage:
     """Full replay of the ledger at ``now``: the reference every other figure must equal.
 
     Leases starting after ``now`` are ignored; leases ending after ``now`` count as alive.
-    The ledger is assumed well formed (end ≥ start), as the binder guarantees.
+    The ledger is assumed well formed (end ≥ start), as the binder guarantees. With
+    ``settled``, ``leases`` are the rest of the ledger and the settled totals are used as they
+    are, unless one of them ends after ``now`` (then they are replayed like the others).
     """
     now_us = to_us(now)
     accs: dict[str, list[list[int]]] = {}
+    if settled is not None:
+        if settled.latest_end <= now_us:
+            accs = settled.accumulators()
+        else:
+            leases = (*settled.leases(), *leases)
     for lease in leases:
         s = to_us(lease.start)
         if s > now_us:

@@ -22,7 +22,7 @@ from typing import Literal
 
 from kubernetes_asyncio.client import ApiClient
 
-from shared.engine.accounting import usage_from_ledger
+from shared.engine.accounting import Settled, usage_from_ledger
 from shared.engine.family import Family
 from shared.engine.model import Budget, Lease, ReservationClaim, RunKey, RunRequest
 from shared.engine.state import ClusterState, Settings
@@ -114,6 +114,10 @@ class ClusterCache:
         self._missing: dict[str, MissingLabels] = {}
         self._leases: dict[str, Lease] = {}
         self._run_leases: dict[RunKey, set[str]] = {}
+        self._settled = Settled()
+        """Ended leases, summed once: a snapshot replays only the open ones."""
+        self._unsettled: dict[str, Lease] = {}
+        self._unsettled_view: tuple[Lease, ...] | None = None
         self._budgets: dict[str, Budget] = {}
         self._runs: dict[RunKey, RunRequest] = {}
         self._claims: dict[str, ReservationClaim] = {}
@@ -217,8 +221,14 @@ class ClusterCache:
             self._runs_view = MappingProxyType(dict(self._runs))
         if self._claims_view is None:
             self._claims_view = tuple(self._claims[k] for k in sorted(self._claims))
+        if self._unsettled_view is None:
+            self._unsettled_view = tuple(self._unsettled.values())
         usage = usage_from_ledger(
-            self._ledger, self._family.caps(), now=now, spare_factor=settings.spare_factor
+            self._unsettled_view,
+            self._family.caps(),
+            now=now,
+            spare_factor=settings.spare_factor,
+            settled=self._settled,
         )
         return ClusterState(
             now=now,
@@ -276,12 +286,19 @@ class ClusterCache:
             if not self._run_leases[prev.run]:
                 del self._run_leases[prev.run]
             topology = topology.without_lease(prev)
+            self._settled.discard(name)
+            self._unsettled.pop(name, None)
         if lease is not None:
             self._leases[name] = lease
             self._run_leases.setdefault(lease.run, set()).add(name)
             topology = topology.with_lease(lease)
+            if lease.end is None:
+                self._unsettled[name] = lease
+            else:
+                self._settled.add(lease)
         self._topology = topology
         self._ledger = None
+        self._unsettled_view = None
         self._version += 1
 
     def _on_budget(self, event: EventType, obj: Obj, old: Obj | None) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.engine.accounting import (
+    Settled,
     UsageClass,
     UsageTracker,
     cap_headroom,
@@ -204,6 +205,47 @@ def test_property_tracker_equals_full_replay(ops: list[Op], factor: float) -> No
         else:
             snap = tracker.snapshot(op)
             assert snap == usage_from_ledger(ledger.values(), caps, now=op, spare_factor=factor)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_stories(), st.sampled_from((1.0, 0.5)), st.integers(-600, 600))
+def test_property_settled_totals_plus_open_leases_equal_a_full_replay(
+    ops: list[Op], factor: float, shift: int
+) -> None:
+    """A cache keeps ended leases summed in ``Settled`` and replays only the open ones; at any
+    instant (also before some of the settled leases ended) that equals replaying everything."""
+    caps = budget("b", env("e1", 8), env("e2", 8), name="b", caps=[cap("both", ["e1", "e2"])]).caps
+    ledger: dict[str, Lease] = {}
+    for op in ops:
+        if isinstance(op, Lease):
+            ledger[op.name] = op
+        elif isinstance(op, tuple):
+            name, at = op
+            ledger[name] = replace(ledger[name], end=at)
+    now = ops[-1] + timedelta(minutes=shift) if isinstance(ops[-1], datetime) else T0
+    settled = Settled()
+    for record in ledger.values():
+        if record.end is not None:
+            settled.add(record)
+            settled.add(record)  # idempotent
+    rest = [record for record in ledger.values() if record.end is None]
+    full = usage_from_ledger(ledger.values(), caps, now=now, spare_factor=factor)
+    assert usage_from_ledger(rest, caps, now=now, spare_factor=factor, settled=settled) == full
+
+
+def test_settled_leases_can_be_discarded_and_open_ones_are_refused() -> None:
+    ended = replace(lease("a", K, 8, T0), end=T0 + H)
+    other = replace(lease("b", K, 4, T0), end=T0 + 2 * H)
+    settled = Settled()
+    settled.add(ended)
+    settled.add(other)
+    settled.discard("b")
+    settled.discard("missing")
+    now = T0 + 3 * H
+    assert "a" in settled and "b" not in settled
+    assert usage_from_ledger([], now=now, settled=settled) == usage_from_ledger([ended], now=now)
+    with pytest.raises(ValueError, match="open"):
+        settled.add(lease("c", K, 1, T0))
 
 
 # -- per-run funding ------------------------------------------------------------------------------
