@@ -209,9 +209,15 @@ class Informer:
         return [*extra, *self._selectors]
 
     def _normalise(self, obj: Obj) -> Obj:
-        """List items of core kinds omit apiVersion/kind; fill them so every object is whole."""
+        """List items of core kinds omit apiVersion/kind; fill them so every object is whole.
+
+        ``metadata.managedFields`` is dropped: no decision reads it, and it is often the larger
+        part of a Lease or Pod, held for every object of a ledger that only grows."""
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
+        meta = obj.get("metadata")
+        if isinstance(meta, dict):
+            meta.pop("managedFields", None)
         return obj
 
     def _keyed(self, objects: list[Any]) -> Iterator[tuple[str, Obj]]:

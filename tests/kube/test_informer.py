@@ -170,6 +170,9 @@ async def test_lists_then_watches_adds_updates_and_deletes(
         assert old is not None and old["spec"]["resources"]["totalGPUs"] == 8
         item = running.informer.items[f"{NS}/live-a"]
         assert item["spec"]["resources"]["totalGPUs"] == 16
+        # kubectl apply wrote managedFields; the cache does not keep them (listed or watched).
+        assert all("managedFields" not in o["metadata"] for o in running.informer.items.values())
+        assert "managedFields" not in old["metadata"]
         assert running.names() == {"live-a"}
         assert crashing == ["ADDED", "ADDED", "MODIFIED", "DELETED"]
         assert running.informer.relists == 1
