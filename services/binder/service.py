@@ -71,7 +71,7 @@ from shared.control.commit_check import (
 )
 from shared.control.lifecycle import MISSING_GRACE, Outcome, PodView, RunView, decide
 from shared.engine.bindplan import LeaseIntent, PodIntent
-from shared.engine.model import Lease, Role, RunKey
+from shared.engine.model import Lease, RunKey
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
@@ -207,32 +207,6 @@ def _raise_first(results: Iterable[object]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-def rank_clash(plan: CommitPlan) -> str | None:
-    """A new working lease for a rank that another open lease already keeps running.
-
-    A rank is one pod on one node. A proposal numbered on a view that missed some of the Run's
-    Leases (a grow planned before another proposer's bind showed up, or a start re-planned after
-    a timed-out commit went through after all) would otherwise start a second incarnation of a
-    live rank: on another node it would replace that rank's pod, on the same node it would hold
-    the GPUs twice. Only ranks the commit starts are checked, against open leases the commit
-    neither names nor ends (a swap ends the old lease in the same commit, so it never clashes).
-    """
-    mine = {i.name for i in plan.creates} | set(plan.existing)
-    new = {(i.run, i.rank) for i in plan.creates if i.rank >= 0 and i.role is not Role.SPARE}
-    held: dict[tuple[RunKey, int], set[str]] = {}
-    for lease in plan.open_after:
-        key = (lease.run, lease.rank)
-        if key in new and lease.role is not Role.SPARE and lease.name not in mine:
-            held.setdefault(key, set()).add(lease.node)
-    if not held:
-        return None
-    (run, rank), nodes = min(held.items())
-    return (
-        f"rank {rank} of {run[0]}/{run[1]} already runs on {', '.join(sorted(nodes))}; "
-        "the proposal missed the Run's current Leases"
-    )
 
 
 class CommitFailed(Exception):
@@ -441,9 +415,6 @@ class Binder:
             plan = plan_commit(req, state, self._inflight)
             if isinstance(plan, Rejection):
                 return self._reject(req, plan)
-            clash = rank_clash(plan)
-            if clash is not None:
-                return self._reject(req, Rejection(ConflictReason.INVALID, clash))
             pod_states = self._pod_states(pods_touched(plan))
             changes = pod_changes(plan, pod_states)
             counted = [intent_lease(intent) for intent in plan.creates]

@@ -576,7 +576,7 @@ def plan_commit(
             )
         pods.append(pod)
         pod_leases[pod.name] = tuple(sorted(names))
-    return CommitPlan(
+    plan = CommitPlan(
         creates=tuple(creates),
         existing=existing,
         ends=tuple(ends),
@@ -584,6 +584,34 @@ def plan_commit(
         pods=tuple(pods),
         pod_leases=MappingProxyType(pod_leases),
         open_after=tuple(le for le in after if le.run in runs),
+    )
+    clash = rank_clash(plan)
+    return plan if clash is None else Rejection(ConflictReason.INVALID, clash)
+
+
+def rank_clash(plan: CommitPlan) -> str | None:
+    """A new working lease for a rank that another open lease already keeps running.
+
+    A rank is one pod on one node. A proposal numbered on a view that missed some of the Run's
+    Leases (a grow planned before another proposer's bind showed up, or a start re-planned after
+    a timed-out commit went through after all) would otherwise start a second incarnation of a
+    live rank: on another node it would replace that rank's pod, on the same node it would hold
+    the GPUs twice. Only ranks the commit starts are checked, against open leases the commit
+    neither names nor ends (a swap ends the old lease in the same commit, so it never clashes).
+    """
+    mine = {i.name for i in plan.creates} | set(plan.existing)
+    new = {(i.run, i.rank) for i in plan.creates if i.rank >= 0 and i.role is not Role.SPARE}
+    held: dict[tuple[RunKey, int], set[str]] = {}
+    for lease in plan.open_after:
+        key = (lease.run, lease.rank)
+        if key in new and lease.role is not Role.SPARE and lease.name not in mine:
+            held.setdefault(key, set()).add(lease.node)
+    if not held:
+        return None
+    (run, rank), nodes = min(held.items())
+    return (
+        f"rank {rank} of {run[0]}/{run[1]} already runs on {', '.join(sorted(nodes))}; "
+        "the proposal missed the Run's current Leases"
     )
 
 

@@ -687,3 +687,27 @@ def test_a_commit_touches_only_its_new_ranks_pods_and_the_pods_of_ranks_it_ends(
     everything = _pods(theirs, unrelated)
     touched = {k: v for k, v in everything.items() if k in pods_touched(plan)}
     assert pod_changes(plan, touched) == pod_changes(plan, everything)
+
+
+# --------------------------------------------------------------------------- live ranks
+
+
+def test_a_start_reusing_a_live_rank_is_invalid_on_another_node_or_the_same_one() -> None:
+    live = held("m0", "n1", 8, run=RUN)
+    elsewhere = commit([intent("m9", "n2", 8, reason=LeaseReason.GROW)], [pod(0, "n2")])
+    result = rejected(plan_commit(elsewhere, state([live])))
+    assert result.reason is ConflictReason.INVALID
+    assert "rank 0 of ns/train already runs on n1" in result.message
+    # Same node, another lease name: the rank would hold its GPUs twice.
+    twice = commit([intent("m9", "big", 8, reason=LeaseReason.GROW)], [pod(0, "big")])
+    on_big = held("m0", "big", 8, run=RUN)
+    assert rejected(plan_commit(twice, state([on_big]))).reason is ConflictReason.INVALID
+
+
+def test_a_re_sent_start_and_a_swap_do_not_clash_with_their_own_leases() -> None:
+    start = [intent("m0", "n1", 8)]
+    applied = state([intent_lease(start[0])])
+    assert accepted(plan_commit(commit(start, [pod(0)]), applied)).creates == ()
+    failed = held("m0", "n1", 8, run=RUN)
+    swap = commit([intent("m1", "n2", 8)], [pod(0, "n2")], ends=[("m0", "NodeFailure")])
+    assert [i.name for i in accepted(plan_commit(swap, state([failed]))).creates] == ["m1"]
