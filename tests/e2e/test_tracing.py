@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -96,6 +97,44 @@ class Jaeger:
         return _get_json(f"{self.query_url}{path}{query}")
 
 
+DOC = REPO / "docs" / "observability-tracing.md"
+DOC_JAEGER = "~/.cache/jobtree/bin/jaeger"
+NOT_RUN = {
+    "jobtree-packer --otlp-endpoint http://jaeger-collector:4318": "names an in-cluster "
+    "collector; the flag is tested in tests/bus/test_tracing.py and every service of "
+    "traced_stack exports to this Jaeger the same way",
+    "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 jobtree-local": "jobtree-local runs until "
+    "Ctrl-C (tests/e2e/test_local_mode.py runs it); traced_stack starts the same stack with "
+    "start_stack(otlp_endpoint=...), which is what the variable turns into",
+}
+
+
+def documented_commands() -> list[str]:
+    """The shell commands of the page's bash blocks: continuation lines joined, comments and
+    the YAML fragment (``env:`` …) of a Deployment left out."""
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", DOC.read_text(), flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            text = line.split("  #")[0].strip()
+            if not text or text.startswith("#") or text.startswith(("env:", "-", "value:")):
+                continue
+            commands.append(text)
+    return commands
+
+
+def documented_jaeger_command() -> str:
+    (command,) = [c for c in documented_commands() if DOC_JAEGER in c]
+    return command.removesuffix("&").strip()
+
+
+def test_every_command_of_the_tracing_page_is_run_or_excused() -> None:
+    queries = [c for c in documented_commands() if c.startswith("curl ")]
+    rest = set(documented_commands()) - set(queries) - {documented_jaeger_command() + " &"}
+    assert rest == set(NOT_RUN), f"commands neither run nor excused: {rest - set(NOT_RUN)}"
+    assert len(queries) == 4, queries
+
+
 @pytest.fixture(scope="session")
 def jaeger_bin() -> Path:
     """The ``jaeger`` binary (v2 all-in-one), built from the Go module proxy once."""
@@ -120,22 +159,16 @@ def jaeger(jaeger_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert not busy, f"ports {busy} are already in use: cannot start Jaeger's all-in-one there"
     workdir = tmp_path_factory.mktemp("jaeger")
     log = workdir / "jaeger.log"
-    # The default config's own knob binds receivers and extensions to loopback; the query
-    # extension listens on every interface unless told otherwise.
-    env = dict(os.environ, JAEGER_LISTEN_HOST=HOST)
-    argv = [
-        str(jaeger_bin),
-        f"--set=extensions.jaeger_query.http.endpoint={HOST}:{QUERY_PORT}",
-        f"--set=extensions.jaeger_query.grpc.endpoint={HOST}:{QUERY_PORT - 1}",
-    ]
+    # Started exactly as docs/observability-tracing.md says (the binary from wherever the
+    # testbin cache is): loopback receivers, query API on 16686.
+    command = documented_jaeger_command().replace(DOC_JAEGER, shlex.quote(str(jaeger_bin)))
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv,
+            ["bash", "-c", command],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
-            env=env,
             start_new_session=True,
         )
     running = Jaeger(proc=proc, log=log)
@@ -342,3 +375,27 @@ def test_run_decision_is_one_trace_across_four_services(
         v3_services
     ), v3_services
     _progress(f"trace {trace['traceID']}: {len(spans)} spans, services {sorted(v3_services)}")
+
+
+def test_the_documented_queries_find_the_run_trace(
+    traced_stack: LocalStack, jaeger: Jaeger
+) -> None:
+    """The page's curl commands, run with bash as written (placeholders filled with the Run of
+    the test above and its trace), answer with that trace."""
+    found = jaeger.api(
+        "/api/traces", service="jobtree-admission", tags=json.dumps({"jobtree.run.name": RUN})
+    )
+    assert found["data"], f"no trace of {RUN}: run the whole module (the test above makes it)"
+    trace_id = found["data"][0]["traceID"]
+    answers = []
+    for command in (c for c in documented_commands() if c.startswith("curl ")):
+        filled = command.replace("my-run", RUN).replace("<trace id>", trace_id)
+        done = subprocess.run(
+            ["bash", "-c", filled], capture_output=True, text=True, timeout=30, check=True
+        )
+        answers.append(json.loads(done.stdout))
+    services, by_operation, by_tag, v3 = answers
+    assert "jobtree-admission" in services["data"], services
+    assert any(t["traceID"] == trace_id for t in by_operation["data"]), by_operation
+    assert trace_id in [t["traceID"] for t in by_tag["data"] or ()], by_tag
+    assert v3["result"]["resourceSpans"], v3
