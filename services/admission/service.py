@@ -421,7 +421,8 @@ class AdmissionService:
                 self._measure(uid, request.flavor, verdict.result)
             early = key in self._early
             self._early.discard(key)
-            if early and facts.reservation is not None and facts.reservation.may_start_early:
+            resv = facts.reservation if verdict.result == "reserved" else None
+            if early and resv is not None and resv.may_start_early:
                 with run_decision(key[0], key[1], uid):
                     await self._start_early(key, obj, facts)
         elif isinstance(verdict, rs.Observe):
