@@ -168,6 +168,26 @@ def test_split_mode_has_a_deployment_per_service(deploy_bin: Path) -> None:
     assert webhook["spec"]["selector"]["app.kubernetes.io/component"] == "admission"
 
 
+def test_an_all_digit_tag_stays_an_integer_through_upgrades(
+    deploy_bin: Path, tmp_path: Path
+) -> None:
+    """`--set image.tag=<short SHA>` with only digits is a number to Helm, and `helm upgrade
+    --reuse-values` hands it back as a float: image and labels must still read 1149504."""
+    for args in (
+        ("--set", "image.tag=1149504"),
+        ("-f", str(_values_file(tmp_path, "image:\n  tag: 1149504.0\n"))),
+    ):
+        text = json.dumps(template(deploy_bin, *args))
+        assert "jobtree:1149504" in text and "e+06" not in text, args
+        assert "jobtree:1149504.0" not in text, args
+
+
+def _values_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "values.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_values_are_checked(deploy_bin: Path) -> None:
     # `--set image.tag=$(git rev-parse --short HEAD)` parses an all-digit SHA as a number
     docs = template(deploy_bin, "--set", "image.tag=1234567")

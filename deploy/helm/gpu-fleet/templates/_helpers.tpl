@@ -35,8 +35,16 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* The image tag as text. `--set image.tag=<all-digit git SHA>` makes it a number, and
+     `helm upgrade --reuse-values` turns that number into a float (1.149504e+06), so a float with
+     no fraction is printed as the integer it is. */}}
 {{- define "gpu-fleet.imageTag" -}}
-{{- .Values.image.tag | default .Chart.AppVersion | toString -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- if and (kindIs "float64" $tag) (eq $tag (float64 (int64 $tag))) -}}
+{{- int64 $tag -}}
+{{- else -}}
+{{- $tag | toString -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "gpu-fleet.image" -}}
