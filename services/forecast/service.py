@@ -78,16 +78,6 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _run_ref(obj: Obj) -> RunRef:
-    meta = _meta(obj)
-    return RunRef(
-        namespace=str(meta.get("namespace") or ""),
-        name=str(meta.get("name") or ""),
-        uid=str(meta.get("uid") or ""),
-        generation=int(meta.get("generation") or 0),
-    )
-
-
 class Forecaster:
     """RESERVE endpoint, Reservation timer and the cache they read."""
 
@@ -343,7 +333,7 @@ class Forecaster:
 
     @staticmethod
     def _identity(run_obj: Obj) -> tuple[str, int]:
-        ref = _run_ref(run_obj)
+        ref = RunRef.of(run_obj)
         return ref.uid, ref.generation
 
     async def _act(self, view: rv.ReservationView, step: rv.Step, now: datetime) -> None:
@@ -404,7 +394,7 @@ class Forecaster:
         if run_obj is None or request is None:
             return view
         if view.run_uid is None:
-            meta = rv.run_identity_metadata(view, _run_ref(run_obj))
+            meta = rv.run_identity_metadata(view, RunRef.of(run_obj))
             await writer.apply(
                 self.api,
                 RESERVATIONS,
@@ -510,7 +500,7 @@ class Forecaster:
             obj = self.cache.run_object(key)
             if (
                 obj is None
-                or _run_ref(obj).uid != uid
+                or RunRef.of(obj).uid != uid
                 or rv.same_mark(rv.condition_of(obj), condition)
             ):
                 del self._risk_sent[key]
@@ -528,7 +518,7 @@ class Forecaster:
             if exc.status != 404:
                 log.warning("AtRisk update failed: %s", exc, extra={"run": rv.run_label(key)})
             return
-        self._risk_sent[key] = (_run_ref(obj).uid, condition)
+        self._risk_sent[key] = (RunRef.of(obj).uid, condition)
 
     # ------------------------------------------------------------------ gauges
 

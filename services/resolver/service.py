@@ -97,16 +97,6 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def run_ref(obj: Mapping[str, Any]) -> RunRef:
-    meta = _meta(obj)
-    return RunRef(
-        namespace=str(meta.get("namespace") or ""),
-        name=str(meta.get("name") or ""),
-        uid=str(meta.get("uid") or ""),
-        generation=int(meta.get("generation") or 0),
-    )
-
-
 def restarts_of(obj: Mapping[str, Any]) -> int:
     value = (obj.get("status") or {}).get("restarts")
     return value if isinstance(value, int) and value >= 0 else 0
@@ -230,7 +220,7 @@ class Resolver:
                 nodes=view.nodes,
                 strict=not view.managed,
             )
-            ref = run_ref(run_obj)
+            ref = RunRef.of(run_obj)
             act = decide(
                 request,
                 state,
@@ -447,7 +437,7 @@ class Resolver:
                     now=now,
                     restarts_used=self._restarts(),
                 )
-                refs = {key: run_ref(obj) for key, obj in self._runs_by_key().items()}
+                refs = {key: RunRef.of(obj) for key, obj in self._runs_by_key().items()}
                 commits = failure_commits(plan, state, refs, version)
                 if not commits:
                     log.info("node failure: nothing to do", extra={"node": event.node})

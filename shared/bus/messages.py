@@ -51,6 +51,18 @@ class RunRef(Message, frozen=True, forbid_unknown_fields=True):
         """The engine's ``(namespace, name)`` key."""
         return (self.namespace, self.name)
 
+    @classmethod
+    def of(cls, run_obj: Mapping[str, Any]) -> RunRef:
+        """The reference to a Run object as a watch cache holds it (missing fields empty)."""
+        meta = run_obj.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        return cls(
+            namespace=str(meta.get("namespace") or ""),
+            name=str(meta.get("name") or ""),
+            uid=str(meta.get("uid") or ""),
+            generation=int(meta.get("generation") or 0),
+        )
+
 
 # --------------------------------------------------------------------------- packer.plan
 

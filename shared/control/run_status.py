@@ -481,8 +481,9 @@ def _reserved_reason(facts: Facts, resv: LiveReservation) -> tuple[str, str]:
 
     The Run's own typed message while it names this Reservation; else the Reservation's (the
     forecaster records the blocked attempt's typed message verbatim); else the Run's blocked
-    attempt (RESERVE may time out after the forecaster made it); a placeholder only when none
-    is typed, and it gives way as soon as the Reservation's message is.
+    attempt (RESERVE may time out after the forecaster made it); the generic "waiting for
+    Reservation" message only when none is typed, and it gives way as soon as the
+    Reservation's message is.
     """
     old = condition(facts.status, SCHEDULED)
     reason = str(old.get("reason") or "") if old and old.get("status") == "False" else ""

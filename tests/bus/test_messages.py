@@ -300,3 +300,9 @@ def test_subject_is_generic_and_hashable() -> None:
     custom: Subject[RunChanged, None] = Subject("jobtree.v1.test.x", RunChanged, None)
     assert hash(custom) == hash(Subject("jobtree.v1.test.x", RunChanged, None))
     assert custom.endpoint_name == "test-x"
+
+
+def test_run_ref_of_a_run_object_tolerates_missing_fields() -> None:
+    obj = {"metadata": {"namespace": "ns", "name": "r", "uid": "u-1", "generation": 3}}
+    assert RunRef.of(obj) == RunRef(namespace="ns", name="r", uid="u-1", generation=3)
+    assert RunRef.of({}) == RunRef(namespace="", name="", uid="", generation=0)

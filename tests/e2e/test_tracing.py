@@ -380,8 +380,8 @@ def test_run_decision_is_one_trace_across_four_services(
 def test_the_documented_queries_find_the_run_trace(
     traced_stack: LocalStack, jaeger: Jaeger
 ) -> None:
-    """The page's curl commands, run with bash as written (placeholders filled with the Run of
-    the test above and its trace), answer with that trace."""
+    """The page's curl commands, run with bash as written (``my-run`` and ``<trace id>``
+    filled with the Run of the test above and its trace), answer with that trace."""
     found = jaeger.api(
         "/api/traces", service="jobtree-admission", tags=json.dumps({"jobtree.run.name": RUN})
     )

@@ -225,17 +225,6 @@ def reservation_manifest(
     return {"apiVersion": f"{GROUP}/v1", "kind": "Reservation", "metadata": metadata, "spec": spec}
 
 
-def run_ref(run_obj: dict[str, Any]) -> RunRef:
-    """The bus's reference to a Run object read back from the API server."""
-    meta = run_obj["metadata"]
-    return RunRef(
-        namespace=meta["namespace"],
-        name=meta["name"],
-        uid=meta["uid"],
-        generation=meta.get("generation", 1),
-    )
-
-
 def hold_lease(
     kube: ControlPlane,
     name: str,
@@ -321,7 +310,7 @@ def commit_request(
     """The COMMIT admission or the resolver would send for ``intent`` (ending ``ends``)."""
     return CommitRequest(
         key=intent.key,
-        run=run_ref(run_obj),
+        run=RunRef.of(run_obj),
         version=0,
         leases=list(intent.leases),
         pods=list(intent.pods),

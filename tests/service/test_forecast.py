@@ -27,6 +27,7 @@ from shared.bus import (
     BusError,
     ReserveReply,
     ReserveRequest,
+    RunRef,
     ServiceRuntime,
     decode,
 )
@@ -61,7 +62,7 @@ def hold(kube: ControlPlane, run_obj: dict[str, Any], node: str, ends_in: timede
         kube,
         f"{run_obj['metadata']['name']}-g0-r0",
         node,
-        run=h.run_ref(run_obj),
+        run=RunRef.of(run_obj),
         owner=OWNER,
         envelope="fc-budget/main",
         start=datetime.now(UTC) - timedelta(minutes=5),
@@ -130,7 +131,7 @@ async def client(nats_server: NatsServer, forecaster: Forecaster) -> AsyncIterat
 
 async def reserve(client: ServiceRuntime, run_obj: dict[str, Any]) -> ReserveReply:
     req = ReserveRequest(
-        run=h.run_ref(run_obj),
+        run=RunRef.of(run_obj),
         request=run_request(run_obj),
         stage="pack",
         reason="NoCapacity",

@@ -25,6 +25,7 @@ from shared.bus import (
     ActivateReply,
     ActivateRequest,
     NodeFailed,
+    RunRef,
     ServiceRuntime,
 )
 from shared.bus.logs import JsonFormatter
@@ -73,7 +74,7 @@ def hold(
         kube,
         f"{run_obj['metadata']['name']}-g{group}-{tag}{max(rank, 0)}",
         node,
-        run=h.run_ref(run_obj),
+        run=RunRef.of(run_obj),
         owner=owner,
         envelope=f"{owner.replace(':', '-')}/main",
         role=role,

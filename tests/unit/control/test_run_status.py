@@ -463,7 +463,7 @@ def test_requeue_after_a_node_failure_names_the_node_failure_not_the_bystanders_
 def test_reserved_run_keeps_the_typed_reason_of_the_blocked_attempt() -> None:
     """RESERVE timed out (the Run stayed Pending with its typed reason) while the forecaster
     still made the Reservation, whose status the cache does not show yet: the Run must not
-    trade its typed reason for a placeholder, and a placeholder never outlives a typed one."""
+    trade its typed reason for the generic waiting message, which never outlives a typed one."""
     pending = rs.pending_status(
         facts(),
         "NoFit",
@@ -475,11 +475,11 @@ def test_reserved_run_keeps_the_typed_reason_of_the_blocked_attempt() -> None:
     assert isinstance(first, rs.Settle)
     assert first.status["message"].startswith("NoFit: needs 16 GPUs")
     assert cond(first.status, "Scheduled")["reason"] == "NoFit"
-    # A Run stuck on the placeholder takes the Reservation's typed message once it has one.
-    placeholder = rs.assess(facts(reservation=bare))
-    assert isinstance(placeholder, rs.Settle)
+    # A Run showing the generic message takes the Reservation's typed one once it has it.
+    generic = rs.assess(facts(reservation=bare))
+    assert isinstance(generic, rs.Settle)
     typed = dataclasses.replace(bare, message="NoFunding: envelope b/e has 0 GPUs free")
-    later = rs.assess(facts(status=placeholder.status, reservation=typed))
+    later = rs.assess(facts(status=generic.status, reservation=typed))
     assert isinstance(later, rs.Settle)
     assert later.status["message"] == "NoFunding: envelope b/e has 0 GPUs free"
     assert cond(later.status, "Scheduled")["reason"] == "NoFunding"
