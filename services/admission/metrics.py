@@ -57,3 +57,32 @@ COMMITS = Counter(
     "Commits admission sent to the binder, by reason (Start, Grow, Shrink) and result.",
     ["reason", "result"],
 )
+
+RUNS_CURRENT = Gauge(
+    "jobtree_runs_current",
+    "Runs by phase (Pending, Reserved, Running, Completed, Failed) and GPU flavor.",
+    ["phase", "flavor"],
+)
+
+RUN_START_WAIT = Histogram(
+    "jobtree_runs_start_wait_seconds",
+    "Time from submission (creationTimestamp) to a Run's first Running, by flavor: the wait a "
+    "researcher sees, Reservations included (admission latency stops at the first decision).",
+    ["flavor"],
+    buckets=(
+        1.0,
+        5.0,
+        15.0,
+        30.0,
+        60.0,
+        300.0,
+        900.0,
+        1800.0,
+        3600.0,
+        7200.0,
+        14400.0,
+        43200.0,
+        86400.0,
+        259200.0,
+    ),
+)

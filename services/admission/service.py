@@ -49,6 +49,12 @@ from shared.control import run_status as rs
 from shared.control.budget_status import budget_status, envelope_figures, material
 from shared.control.dependencies import check_after
 from shared.control.reservations import LABEL_MANAGED_BY, MANAGED_BY
+from shared.control.run_metrics import (
+    PHASES,
+    first_start_wait,
+    phase_counts,
+    run_flavor,
+)
 from shared.control.tenancy import check_owner
 from shared.engine.admit import Blocked, widths
 from shared.engine.bindplan import BindIntent, bind_plan, to_leases
@@ -162,6 +168,7 @@ class AdmissionService:
         self._dirty_budgets: set[str] = set()
         self._budget_full = True
         self._gauges: dict[str, set[tuple[str, ...]]] = {}
+        self._flavors: set[str] = set()
         self._ready = asyncio.Event()
         self.webhook: Any = None
 
@@ -526,6 +533,9 @@ class AdmissionService:
                 return
             raise
         self._written[key] = stored
+        waited = first_start_wait(obj, status, utcnow())
+        if waited is not None:
+            metrics.RUN_START_WAIT.labels(run_flavor(obj)).observe(waited)
         log.info(
             "run status",
             extra={
@@ -860,6 +870,7 @@ class AdmissionService:
             names = set(self.cache.objects("budgets")) if full else set(self._dirty_budgets)
             self._budget_full = False
             self._dirty_budgets.clear()
+            self.export_runs()
             if names or full:
                 try:
                     await self.write_budgets(names, refresh=full)
@@ -869,6 +880,15 @@ class AdmissionService:
                     log.exception("budget status write failed")
                     self._dirty_budgets |= names
             await asyncio.sleep(self.config.budget_interval)
+
+    def export_runs(self) -> None:
+        """Refresh ``jobtree_runs_current`` from the Run cache (every phase of a known flavor is
+        exported, 0 included, so a panel's line drops to 0 instead of vanishing)."""
+        counts = phase_counts(self.cache.objects("runs").values())
+        self._flavors |= {flavor for _, flavor in counts}
+        for flavor in self._flavors:
+            for phase in PHASES:
+                metrics.RUNS_CURRENT.labels(phase, flavor).set(counts.get((phase, flavor), 0))
 
     async def write_budgets(self, names: set[str], *, refresh: bool = False) -> None:
         """Recompute and apply the status of the named Budgets; refresh their metrics."""

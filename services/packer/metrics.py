@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from shared.engine.fleet import FleetCell
 
 PLANS = Counter(
     "jobtree_packer_plans_total",
@@ -33,3 +37,33 @@ TOPOLOGY_NODES = Gauge(
     "jobtree_packer_topology_nodes",
     "Labelled GPU nodes in the packer's topology view.",
 )
+
+FLEET_ALLOCATABLE = Gauge(
+    "jobtree_fleet_allocatable_gpus",
+    "Allocatable GPUs of the labelled nodes per flavor and domain (region, cluster, domain).",
+    ["flavor", "region", "cluster", "domain"],
+)
+
+FLEET_ALLOCATED = Gauge(
+    "jobtree_fleet_allocated_gpus",
+    "GPUs held by open leases per flavor and domain; divide by jobtree_fleet_allocatable_gpus "
+    "for the fleet's utilisation.",
+    ["flavor", "region", "cluster", "domain"],
+)
+
+FleetLabels = tuple[str, str, str, str]
+
+
+def export_fleet(cells: Iterable[FleetCell], previous: set[FleetLabels]) -> set[FleetLabels]:
+    """Set both fleet gauges from the snapshot's cells and drop the series of cells that are
+    gone (a domain whose last node left); returns the label sets now exported."""
+    current: set[FleetLabels] = set()
+    for cell in cells:
+        labels = (cell.flavor, *cell.domain)
+        FLEET_ALLOCATABLE.labels(*labels).set(cell.allocatable)
+        FLEET_ALLOCATED.labels(*labels).set(cell.allocated)
+        current.add(labels)
+    for labels in previous - current:
+        FLEET_ALLOCATABLE.remove(*labels)
+        FLEET_ALLOCATED.remove(*labels)
+    return current

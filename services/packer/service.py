@@ -46,6 +46,7 @@ from shared.control.node_health import (
 )
 from shared.engine.admit import claim_protection
 from shared.engine.fill import as_fill, fill_topology
+from shared.engine.fleet import fleet_cells
 from shared.engine.model import Role, RunKey, RunRequest
 from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.state import ClusterState, Settings
@@ -193,6 +194,8 @@ class Packer:
         )
         self.health = HealthState()
         self._conditions: dict[str, tuple[object, NodeCondition]] = {}
+        self._fleet: set[metrics.FleetLabels] = set()
+        self._fleet_of: Topology | None = None
         """Node → (resourceVersion, its readiness): parsed again only when the Node changes."""
         self.assumed: dict[RunKey, Assumption] = {}
         self._wake = asyncio.Event()
@@ -324,6 +327,9 @@ class Packer:
         metrics.NODES_MISSING_LABELS.set(self.cache.missing_label_nodes)
         topology = self.cache.topology
         metrics.TOPOLOGY_NODES.set(len(topology))
+        if topology is not self._fleet_of:  # snapshots are immutable: same object, same figures
+            self._fleet = metrics.export_fleet(fleet_cells(topology), self._fleet)
+            self._fleet_of = topology
         # Only nodes under open leases can fail a gang: reading every node's conditions each
         # pass cost half the packer's CPU on a 1,000-node fleet.
         leased = topology.in_use()

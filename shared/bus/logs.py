@@ -2,7 +2,8 @@
 
 Every line carries ``time``, ``level``, ``service``, ``logger`` and ``msg``, plus whatever the call
 passed in ``extra=`` — which is how decisions stay grep-able and machine-readable, e.g. the
-resolver's ``RandomPreempt`` line with its seed and conflict set.
+resolver's ``RandomPreempt`` line with its seed and conflict set. A line logged inside a span also
+carries ``trace_id`` and ``span_id`` (W3C hex), so a log search leads straight to the trace.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from opentelemetry import trace
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(
@@ -28,6 +31,21 @@ def _timestamp(created: float) -> str:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
+
+
+class TraceContext(logging.Filter):
+    """Stamps ``trace_id``/``span_id`` of the span current at the log call on the record.
+
+    Handlers format synchronously in the caller's context, so the current span is the one the
+    line was logged in; an explicit ``extra={"trace_id": …}`` is left as it is.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = trace.format_trace_id(ctx.trace_id)
+            record.span_id = trace.format_span_id(ctx.span_id)
+        return True
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -95,6 +113,7 @@ def configure_logging(
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
     handler.set_name(_HANDLER_NAME)
+    handler.addFilter(TraceContext())
     root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == _HANDLER_NAME:

@@ -7,7 +7,7 @@ several side by side, so the label is what keeps their numbers apart.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 DEADLETTER = Counter(
     "jobtree_deadletter_total",
@@ -31,6 +31,12 @@ HANDLER_SECONDS = Histogram(
 NATS_RECONNECTS = Counter(
     "jobtree_nats_reconnects_total",
     "Times the service's NATS connection was re-established after a loss.",
+    ["service"],
+)
+
+NATS_CONNECTED = Gauge(
+    "jobtree_nats_connected",
+    "1 while the service's NATS connection is up, 0 while it is lost or closed.",
     ["service"],
 )
 

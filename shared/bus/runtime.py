@@ -50,6 +50,7 @@ from shared.bus.metrics import (
     DEADLETTER,
     HANDLER_ERRORS,
     HANDLER_SECONDS,
+    NATS_CONNECTED,
     NATS_RECONNECTS,
     expose_service,
 )
@@ -220,6 +221,7 @@ class ServiceRuntime:
             reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
         )
+        NATS_CONNECTED.labels(self.name).set(1)
         self._js = self._nc.jetstream()
         for spec in STREAMS:
             await self._ensure_stream(spec)
@@ -311,14 +313,17 @@ class ServiceRuntime:
         log.warning("NATS error", extra={"error": repr(exc)})
 
     async def _on_disconnected(self) -> None:
+        NATS_CONNECTED.labels(self.name).set(0)
         if not self._stopping:
             log.warning("NATS disconnected")
 
     async def _on_reconnected(self) -> None:
         NATS_RECONNECTS.labels(self.name).inc()
+        NATS_CONNECTED.labels(self.name).set(1)
         log.info("NATS reconnected", extra={"server": str(self._nc.connected_url.netloc)})
 
     async def _on_closed(self) -> None:
+        NATS_CONNECTED.labels(self.name).set(0)
         log.info("NATS connection closed")
 
     async def _ensure_stream(self, spec: StreamSpec) -> None:

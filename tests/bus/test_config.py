@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from shared.bus.config import DEFAULT_NATS_URL, service_args
 from shared.bus.logs import configure_logging
@@ -104,3 +105,18 @@ def test_text_format(root_logger: logging.Logger) -> None:
     assert line.endswith("DEBUG   packer x: hello node=n1")
     with pytest.raises(ValueError):
         configure_logging("INFO", "yaml")
+
+
+def test_lines_inside_a_span_carry_its_trace_and_span_ids(root_logger: logging.Logger) -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "json", service="binder", stream=out)
+    log = logging.getLogger("services.binder")
+    log.info("outside")
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("commit") as span:
+        log.info("inside")
+        ctx = span.get_span_context()
+    outside, inside = (json.loads(line) for line in out.getvalue().splitlines())
+    assert "trace_id" not in outside and "span_id" not in outside
+    assert inside["trace_id"] == f"{ctx.trace_id:032x}"
+    assert inside["span_id"] == f"{ctx.span_id:016x}"

@@ -513,6 +513,7 @@ async def test_health_ready_and_metrics(runtime: Factory) -> None:
     assert status == 200 and ctype.startswith("text/plain")
     assert "jobtree_deadletter_total" in body
     assert f'jobtree_service_info{{service="{rt.name}",version="0.1.0"}} 1.0' in body
+    assert f'jobtree_nats_connected{{service="{rt.name}"}} 1.0' in body
 
     assert (await http_get(port, "/nope"))[0] == 404
 

@@ -206,12 +206,30 @@ tests:
         values: '92x60'
       - series: 'jobtree_budget_headroom_gpus{{budget="idle", envelope="idle-a"}}'
         values: '0x60'
+      # the binder is down for good after 10 minutes, the packer is never scraped, no binder
+      # leads, the forecaster fails 6 requests a minute, two nodes lack labels
+      - series: 'up{{endpoint="binder", job="jobtree-metrics"}}'
+        values: '1x10 0x50'
+      - series: 'up{{endpoint="admission", job="jobtree-metrics"}}'
+        values: '1x60'
+      - series: 'up{{endpoint="forecast", job="jobtree-metrics"}}'
+        values: '1x60'
+      - series: 'up{{endpoint="resolver", job="jobtree-metrics"}}'
+        values: '1x60'
+      - series: 'jobtree_binder_leader{{service="binder"}}'
+        values: '0x60'
+      - series: >-
+          jobtree_handler_errors_total{{service="forecast", subject="jobtree.v1.forecast.reserve"}}
+        values: '0+6x60'
+      - series: 'jobtree_nodes_missing_labels{{service="packer"}}'
+        values: '2x60'
     alert_rule_test:
       - eval_time: 60m
         alertname: JobtreeReservationDelay
         exp_alerts:
           - exp_labels: {{severity: warning}}
             exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreereservationdelay
               summary: Pending Reservations wait more than 6 hours on average
               description: >-
                 30 Reservations are Pending with a mean wait of 8h 0m 0s until their
@@ -222,6 +240,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: critical, scope: nv-a}}
             exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreeresolverstorm
               summary: Preemption storm in scope nv-a
               description: >-
                 The resolver ends 12.0 leases per minute in scope nv-a (15 minutes running).
@@ -232,6 +251,7 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: warning, budget: west-h100, envelope: west-h100-nv-a}}
             exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreebudgetnearexhaustion
               summary: Envelope west-h100/west-h100-nv-a is nearly exhausted
               description: >-
                 Only 4.167% of the envelope's concurrency is left; new Runs it pays will be
@@ -240,7 +260,87 @@ tests:
       - eval_time: 10m
         alertname: JobtreeResolverStorm
         exp_alerts: []
+      - eval_time: 20m
+        alertname: JobtreeServiceDown
+        exp_alerts:
+          - exp_labels: {{severity: critical, endpoint: binder}}
+            exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreeservicedown
+              summary: Jobtree binder is down
+              description: >-
+                Prometheus cannot scrape the binder service's /metrics. Without it Runs are
+                not admitted (admission), placed (packer), reserved (forecast), activated
+                (resolver) or bound (binder).
+      - eval_time: 20m
+        alertname: JobtreeServiceAbsent
+        exp_alerts:
+          - exp_labels: {{severity: critical, endpoint: packer}}
+            exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreeserviceabsent
+              summary: Jobtree packer is not scraped at all
+              description: >-
+                No scrape target exists for the packer service: its Deployment is scaled to
+                zero or deleted, or the ServiceMonitor no longer selects it.
+      - eval_time: 10m
+        alertname: JobtreeNoBinderLeader
+        exp_alerts:
+          - exp_labels: {{severity: critical}}
+            exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreenobinderleader
+              summary: No binder holds the writer Lease
+              description: >-
+                No binder instance is the active writer, so no commit (start, swap, lease end)
+                is written. Check the binder pods and the coordination Lease in the release
+                namespace.
+      - eval_time: 30m
+        alertname: JobtreeHandlerErrors
+        exp_alerts:
+          - exp_labels:
+              severity: warning
+              service: forecast
+              subject: jobtree.v1.forecast.reserve
+            exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreehandlererrors
+              summary: forecast fails requests on jobtree.v1.forecast.reserve
+              description: >-
+                0.10 handler errors per second for 10 minutes: the service keeps raising while
+                serving jobtree.v1.forecast.reserve. Its logs carry the traceback.
+      - eval_time: 30m
+        alertname: JobtreeNodesMissingLabels
+        exp_alerts:
+          - exp_labels: {{severity: warning}}
+            exp_annotations:
+              runbook_url: https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#jobtreenodesmissinglabels
+              summary: 2 GPU nodes are ignored for missing topology labels
+              description: >-
+                Nodes without region, cluster, fabric.domain or gpu.flavor get no placements.
+                Label them as the installation guide shows.
 """
+
+
+RUNBOOKS = REPO / "docs" / "runbooks.md"
+RUNBOOK_PREFIX = "https://github.com/davidlangworthy/jobtree/blob/main/docs/runbooks.md#"
+
+
+def test_every_alert_links_a_runbook_section_that_exists() -> None:
+    data = yaml.safe_load(RULES.read_text())
+    headings = {
+        line.removeprefix("## ").strip().lower()
+        for line in RUNBOOKS.read_text().splitlines()
+        if line.startswith("## ")
+    }
+    alerts = [r for g in data["groups"] for r in g["rules"] if "alert" in r]
+    assert {
+        "JobtreeServiceDown",
+        "JobtreeServiceAbsent",
+        "JobtreeNoBinderLeader",
+        "JobtreeHandlerErrors",
+        "JobtreeNodesMissingLabels",
+    } <= {r["alert"] for r in alerts}
+    for rule in alerts:
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == RUNBOOK_PREFIX + rule["alert"].lower(), rule["alert"]
+        assert rule["alert"].lower() in headings, f"docs/runbooks.md has no ## {rule['alert']}"
 
 
 def test_alerts_fire_on_the_right_series(deploy_bin: Path, tmp_path: Path) -> None:

@@ -288,6 +288,8 @@ def test_nats_restart_mid_flow_1(healthy: LocalStack) -> None:
         metrics = stack.services.metrics(name)
         reconnects = re.search(r"^jobtree_nats_reconnects_total\{[^}]*\} (\S+)", metrics, re.M)
         assert reconnects and float(reconnects.group(1)) >= 1, f"{name} never reconnected"
+        connected = re.search(r"^jobtree_nats_connected\{[^}]*\} (\S+)", metrics, re.M)
+        assert connected and float(connected.group(1)) == 1, f"{name} not connected again"
 
 
 # --------------------------------------------------------------------------- stale plans

@@ -2,7 +2,8 @@
 
 A 16-GPU Run of its own owner binds; the scrape before and after shows one submission, one
 bound admission, at least one binder commit and 16 opened leases, and the budget gauge equals
-the GPUs its leases hold.
+the GPUs its leases hold; the operator's gauges follow: one more submit→Running wait sample, the
+Run counted as Running, and the fleet utilisation of its domain holding its 16 GPUs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 def test_metrics_count_a_bind(clean: LocalStack) -> None:
     stack = clean
     create_namespace(stack, NS)
-    before = {name: stack.services.metrics(name) for name in ("admission", "binder")}
+    before = {name: stack.services.metrics(name) for name in ("admission", "binder", "packer")}
     stack.kubectl("apply", "-f", "-", input=BUDGET)
     stack.kubectl("apply", "-f", "-", input=RUN)
 
@@ -86,6 +87,16 @@ def test_metrics_count_a_bind(clean: LocalStack) -> None:
             admission, "jobtree_budgets_concurrency_gpus", budget="obs-team", envelope="west"
         )
         assert held == 16
+        waits = "jobtree_runs_start_wait_seconds_count"
+        assert (
+            sample(admission, waits, **flavor) - sample(before["admission"], waits, **flavor) == 1
+        )
+        assert sample(admission, "jobtree_runs_current", phase="Running", **flavor) >= 1
+        packer = stack.services.metrics("packer")
+        domain = {"flavor": "H100-80GB", "cluster": "gpu-b", "domain": "nv-b"}
+        allocated = sample(packer, "jobtree_fleet_allocated_gpus", **domain)
+        assert allocated - sample(before["packer"], "jobtree_fleet_allocated_gpus", **domain) == 16
+        assert sample(packer, "jobtree_fleet_allocatable_gpus", **domain) >= allocated
 
     eventually(counted, timeout=60)
     stack.kubectl("delete", "run", "observed", "-n", NS, "--wait=false")

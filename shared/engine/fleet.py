@@ -1,0 +1,41 @@
+"""Fleet utilisation: how much of each (flavor, domain) cell open leases hold.
+
+Operators read it as a gauge pair (allocated / allocatable per flavor and domain); it is derived
+from the same topology snapshot the packer places on, so the figure is what placement sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.engine.model import DomainKey
+from shared.engine.topology import Topology
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCell:
+    """One (flavor, domain): its GPUs and the GPUs open leases hold on them."""
+
+    flavor: str
+    domain: DomainKey
+    allocatable: int
+    """Sum of the nodes' allocatable GPUs (Ready or not, cordoned or not)."""
+    allocated: int
+    """GPUs held by open leases on those nodes (active + max(spare, borrowed)), capped per node."""
+
+
+def fleet_cells(topology: Topology) -> tuple[FleetCell, ...]:
+    """Every (flavor, domain) of the snapshot, sorted, with its allocatable and held GPUs."""
+    cells: list[FleetCell] = []
+    for flavor in topology.flavors():
+        for domain in sorted(topology.domains(flavor)):
+            nodes = topology.nodes_in(flavor, domain)
+            cells.append(
+                FleetCell(
+                    flavor=flavor,
+                    domain=domain,
+                    allocatable=sum(n.gpus for n in nodes),
+                    allocated=sum(min(n.gpus, topology.used(n.name)) for n in nodes),
+                )
+            )
+    return tuple(cells)
