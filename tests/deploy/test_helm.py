@@ -354,13 +354,16 @@ def _can_create_pods(rules: list[dict[str, Any]]) -> bool:
     )
 
 
+USER_ROLES = {"jobtree-researcher", "jobtree-viewer", "jobtree-ledger-reader", "jobtree-admin"}
+
+
 def test_only_the_binder_role_writes_pods(deploy_bin: Path) -> None:
     for mode in ("combined", "split"):
         roles = {
             r["metadata"]["name"]: r["rules"]
             for r in find(template(deploy_bin, "--set", f"mode={mode}"), "ClusterRole")
         }
-        assert set(roles) == {f"jobtree-{s}" for s in SERVICES}
+        assert set(roles) == {f"jobtree-{s}" for s in SERVICES} | USER_ROLES
         writers = {name for name, rules in roles.items() if _can_create_pods(rules)}
         assert writers == {"jobtree-binder"}
         for rules in roles.values():

@@ -374,6 +374,20 @@ WALKTHROUGH: list[Run | Do] = [
         "--as=system:serviceaccount:jobtree-system:jobtree-resolver"),
     Run("kubectl auth can-i patch leases.rq.davidlangworthy.io --subresource=status "
         "--as=system:serviceaccount:jobtree-system:jobtree-binder"),
+    # 3.3 Roles for people
+    Run("kubectl create rolebinding alice-runs -n team-a --clusterrole=jobtree-researcher "
+        "--user=alice", has("rolebinding.rbac.authorization.k8s.io/alice-runs created")),
+    Run("kubectl create clusterrolebinding researchers-ledger "
+        "--clusterrole=jobtree-ledger-reader --group=researchers",
+        has("clusterrolebinding.rbac.authorization.k8s.io/researchers-ledger created")),
+    Run("kubectl create clusterrolebinding platform-admins --clusterrole=jobtree-admin "
+        "--group=platform-team",
+        has("clusterrolebinding.rbac.authorization.k8s.io/platform-admins created")),
+    Run("kubectl auth can-i create runs.rq.davidlangworthy.io -n team-a --as=alice"),
+    Run("kubectl auth can-i create reservations.rq.davidlangworthy.io -n team-a --as=alice"),
+    Run("kubectl auth can-i list leases.rq.davidlangworthy.io --as=alice --as-group=researchers"),
+    Run("kubectl auth can-i create budgets.rq.davidlangworthy.io --as=carol "
+        "--as-group=platform-team"),
     # 7.1 Tracing
     Run("helm upgrade jobtree deploy/helm/gpu-fleet -n jobtree-system --reuse-values "
         f"--set tracing.otlpEndpoint={TRACING} "
