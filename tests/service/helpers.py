@@ -34,6 +34,7 @@ from shared.engine.bindplan import BindIntent, LeaseIntent, bind_plan
 from shared.engine.model import Envelope, FundingKind, LeaseReason, Role, RunRequest
 from shared.engine.offers import Funding, Offer
 from shared.engine.pack import GroupPlacement, PlacedSlice, Placement
+from shared.engine.state import Settings
 from shared.kube.client import make_client
 from shared.kube.translate import lease_manifest, run_request
 from shared.localenv.controlplane import ControlPlane
@@ -434,7 +435,7 @@ def binder_and_resolver(
     The tests write holders' Leases directly, without pods: the binder must not end them as
     gangs whose pods are gone.
     """
-    options = BinderOptions(missing_pod_grace=timedelta(days=365))
+    options = BinderOptions(settings=Settings(missing_pod_grace=timedelta(days=365)))
     binder = Binder(ServiceRuntime("binder", nats_url=nats.url), api, options)
     resolver = Resolver(
         ServiceRuntime("resolver", nats_url=nats.url), api, ResolverOptions(namespace=namespace)
