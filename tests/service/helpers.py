@@ -464,8 +464,11 @@ def spawn_service(
     log: Path,
     *extra: str,
     log_format: str = "text",
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``python -m services.<service>`` on a free HTTP port, output to ``log``; (process, port)."""
+    """``python -m services.<service>`` on a free HTTP port, output to ``log``; (process, port).
+
+    ``env`` is added to this process's environment (the way a Deployment sets settings)."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -482,7 +485,7 @@ def spawn_service(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
         )
     return proc, port
 
