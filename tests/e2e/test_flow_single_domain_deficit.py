@@ -4,7 +4,8 @@
 for 64 GPUs in groups of 8 with ``allowCrossGroupSpread: false``: the two domains have 56 free
 GPUs together, 8 short, but no one domain holds it. The least that would make it fit is 16 more
 GPUs in nv-b, and that is what its Reservation publishes (``deficitGPUs``, a scope naming nv-b,
-a lottery for 16 GPUs among nv-b's Runs only) and what ``kubectl runs plan`` shows.
+a lottery for 16 GPUs among nv-b's Runs only, an intended slice in nv-b) and what
+``kubectl runs plan`` shows.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ def test_a_single_domain_run_shows_what_its_best_domain_lacks(clean: LocalStack)
         big["spec"]["locality"]["allowCrossGroupSpread"] = False
         apply_yaml(stack, big)
 
-        status = (_reservation(stack, "big").get("status") or {})["forecast"]
+        reservation = _reservation(stack, "big")
+        # Nothing bounds the fillers, so the ETA is conservative and the claim lies in nv-b.
+        assert reservation["spec"]["intendedSlice"]["domain"] == NV_B, reservation["spec"]
+        status = (reservation.get("status") or {})["forecast"]
         assert status["deficitGPUs"] == 16, status
         assert status["scope"] == NV_B_SCOPE, status
         assert status["conflictSet"] == [f"{NS}/fill-b"], status
