@@ -29,6 +29,8 @@ LABELS = {"region": REGION, "cluster": "set-c", "fabric.domain": "set-f"}
 DOMAIN = (REGION, "set-c", "set-f")
 BUDGET = "set-budget"
 GPU_HOURS = 100
+READY_TIMEOUT = 90.0
+"""Service processes start slowly on a loaded machine."""
 ENGINE_ENV = {"JOBTREE_DEFAULT_DURATION_HOURS": "10"}
 """The one environment block every service gets (Helm ``engine:``, Kustomize ``jobtree-engine``)."""
 
@@ -58,7 +60,7 @@ async def test_the_binder_prices_gpu_hours_with_the_settings_every_service_was_g
     log = tmp_path / "binder-defaults.log"
     binder, port = h.spawn_service("binder", crds, nats_server, log)
     try:
-        await h.wait_ready(binder, port, log)
+        await h.wait_ready(binder, port, log, timeout=READY_TIMEOUT)
         reply = await _commit(nats_server, direct, fleet[0])
         assert not reply.ok
         assert reply.conflict == (
@@ -72,14 +74,15 @@ async def test_the_binder_prices_gpu_hours_with_the_settings_every_service_was_g
     crds.kubectl("delete", h.RUNS, "-n", namespace, "direct", "--wait=true")
 
     # The same environment for admission, packer and binder: the Run is admitted and committed.
+    # (The namespace speaks for the owner before admission starts, so its first look admits.)
+    crds.kubectl("annotate", "--overwrite", "namespace", namespace, f"{h.GROUP}/owners={OWNER}")
     procs = {
         name: h.spawn_service(name, crds, nats_server, tmp_path / f"{name}.log", env=ENGINE_ENV)
         for name in ("binder", "packer", "admission")
     }
     try:
         for name, (proc, port) in procs.items():
-            await h.wait_ready(proc, port, tmp_path / f"{name}.log")
-        crds.kubectl("annotate", "--overwrite", "namespace", namespace, f"{h.GROUP}/owners={OWNER}")
+            await h.wait_ready(proc, port, tmp_path / f"{name}.log", timeout=READY_TIMEOUT)
         h.create_run(crds, namespace, "admitted", OWNER, 8, region=REGION)
 
         def bound() -> list[dict[str, Any]]:
@@ -87,7 +90,7 @@ async def test_the_binder_prices_gpu_hours_with_the_settings_every_service_was_g
             assert len(leases) == 1, leases
             return leases
 
-        (lease,) = await h.eventually(bound, timeout=60)
+        (lease,) = await h.eventually(bound, timeout=120)
         assert lease["spec"]["slice"]["gpus"] == 8
         assert lease["spec"].get("paidByEnvelope") == "main"
         for name, (proc, _) in procs.items():
