@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from shared.bus.config import ServiceConfig, parse_service_args
+from shared.bus.settings import engine_flags, engine_settings
 from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
 from shared.engine.state import Settings
 
@@ -63,13 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     add("--commit-timeout", type=float, default=float(_env("JOBTREE_COMMIT_TIMEOUT", "20")))
     add("--reserve-timeout", type=float, default=float(_env("JOBTREE_RESERVE_TIMEOUT", "10")))
     add("--workers", type=int, default=int(_env("JOBTREE_ADMISSION_WORKERS", "4")))
-    add(
-        "--default-duration-hours",
-        type=float,
-        default=float(_env("JOBTREE_DEFAULT_DURATION_HOURS", "24")),
-        help="expected duration of Runs without maxDuration (GPU-hours headroom)",
-    )
-    add("--spare-factor", type=float, default=float(_env("JOBTREE_SPARE_FACTOR", "1.0")))
     port = _env("JOBTREE_WEBHOOK_PORT", "")
     add(
         "--webhook-port",
@@ -85,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("JOBTREE_TLS_HOSTS", "localhost,127.0.0.1"),
         help="DNS names / IPs of the generated self-signed certificate (comma separated)",
     )
+    engine_flags(parser)
     return parser
 
 
@@ -94,10 +88,7 @@ def parse_args(argv: list[str] | None = None) -> AdmissionConfig:
     return AdmissionConfig(
         service=service,
         default_owner_globs=parse_globs(ns.default_owner_globs),
-        settings=Settings(
-            default_duration=timedelta(hours=ns.default_duration_hours),
-            spare_factor=ns.spare_factor,
-        ),
+        settings=engine_settings(ns),
         resync_seconds=ns.resync_seconds,
         budget_interval=ns.budget_interval,
         plan_timeout=ns.plan_timeout,

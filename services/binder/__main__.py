@@ -1,29 +1,26 @@
 """``jobtree-binder`` / ``python -m services.binder``: run the binder service.
 
 Besides the flags every service takes (``--nats-url``, ``--kubeconfig``, ``--http-port``,
-``--log-level``, ``--log-format``), the binder reads its own, each with an environment fallback.
+``--log-level``, ``--log-format``) and the engine settings every service shares
+(``shared.bus.settings``: its commit re-checks use them, the missing-pod grace is one), the binder
+reads its own, each with an environment fallback.
 """
 
 from __future__ import annotations
 
 import argparse
-from datetime import timedelta
 
 from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
-from shared.engine.topology import DEFAULT_GPU_RESOURCE
+from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag
 from shared.kube.translate import HOLD_IMAGE
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOptions]:
     """The common service settings plus the binder's own options."""
     parser = argparse.ArgumentParser(prog="jobtree-binder", add_help=False)
-    parser.add_argument(
-        "--gpu-resource",
-        default=env_value("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
-        help="extended resource pods request ($JOBTREE_GPU_RESOURCE; default %(default)s)",
-    )
+    gpu_resource_flag(parser)
     parser.add_argument(
         "--hold-image",
         default=env_value("JOBTREE_HOLD_IMAGE", HOLD_IMAGE),
@@ -34,13 +31,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         type=float,
         default=float(env_value("JOBTREE_BINDER_TICK_SECONDS", "1.0")),
         help="lifecycle re-check period: walltime resolution ($JOBTREE_BINDER_TICK_SECONDS)",
-    )
-    parser.add_argument(
-        "--missing-pod-grace-seconds",
-        type=float,
-        default=float(env_value("JOBTREE_MISSING_POD_GRACE_SECONDS", "30")),
-        help="a running rank without its pod this long fails the gang "
-        "($JOBTREE_MISSING_POD_GRACE_SECONDS)",
     )
     parser.add_argument(
         "--commit-concurrency",
@@ -65,16 +55,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         default=float(env_value("JOBTREE_LEADER_LEASE_SECONDS", "15")),
         help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
     )
+    engine_flags(parser)
     ns, cfg = parse_service_args("binder", parser, argv)
     return cfg, BinderOptions(
         gpu_resource=ns.gpu_resource,
         hold_image=ns.hold_image,
         tick_seconds=ns.tick_seconds,
         commit_concurrency=max(1, ns.commit_concurrency),
-        missing_pod_grace=timedelta(seconds=ns.missing_pod_grace_seconds),
         leader_elect=ns.leader_elect,
         leader_namespace=ns.leader_namespace,
         leader_lease_seconds=ns.leader_lease_seconds,
+        settings=engine_settings(ns),
     )
 
 

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -69,7 +69,7 @@ from shared.control.commit_check import (
     pods_touched,
     same_incarnation,
 )
-from shared.control.lifecycle import MISSING_GRACE, Outcome, PodView, RunView, decide
+from shared.control.lifecycle import Outcome, PodView, RunView, decide
 from shared.engine.bindplan import LeaseIntent, PodIntent
 from shared.engine.model import Lease, RunKey
 from shared.engine.state import ClusterState, Settings
@@ -111,14 +111,14 @@ class BinderOptions:
     hold_image: str = HOLD_IMAGE
     tick_seconds: float = 1.0
     """Lifecycle re-evaluation period (walltime limits are checked at least this often)."""
-    missing_pod_grace: timedelta = MISSING_GRACE
-    """How long a running rank may have no pod before its gang closes ``Fail``."""
     commit_concurrency: int = 8
     """Commits handled at once; those touching the same Run still take turns."""
     leader_elect: bool = False
     leader_namespace: str = "default"
     leader_lease_seconds: float = 15.0
     settings: Settings = field(default_factory=Settings)
+    """Engine settings (``shared.bus.settings``): the commit re-checks' spare factor and default
+    duration, the missing-pod grace."""
 
 
 # --------------------------------------------------------------------------- pod reading
@@ -860,7 +860,7 @@ class Binder:
             view = await self._run_view(key, confirm=True)
             if not leases and view.present and not view.deleting:
                 continue
-            outcome = decide(leases, pods, view, now, self.options.missing_pod_grace)
+            outcome = decide(leases, pods, view, now, self.options.settings.missing_pod_grace)
             if outcome.idle:
                 continue
             await self._finish(key, outcome)

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from kubernetes_asyncio.client import ApiClient
 
@@ -37,7 +37,6 @@ from shared.bus import (
 )
 from shared.bus.process import serve_service
 from shared.control.node_health import (
-    DEFAULT_GRACE,
     HealthState,
     NodeCondition,
     NodeFailure,
@@ -69,16 +68,15 @@ class PackerOptions:
     """Operator knobs of the packer."""
 
     gpu_resource: str = DEFAULT_GPU_RESOURCE
-    node_grace: timedelta = DEFAULT_GRACE
-    """How long a leased node may be NotReady before it counts as failed."""
     assume_seconds: float = ASSUME_SECONDS
     """How long a placement handed out is kept from other plans unless its Leases show up."""
     settings: Settings = field(default_factory=Settings)
+    """Engine settings (``shared.bus.settings``): the snapshot's spare factor, the node grace."""
 
     @property
     def tick_seconds(self) -> float:
         """Health re-check period: fine enough to honour the grace to within a quarter."""
-        return max(0.05, min(1.0, self.node_grace.total_seconds() / 4))
+        return max(0.05, min(1.0, self.settings.node_grace.total_seconds() / 4))
 
 
 def plan(
@@ -214,7 +212,10 @@ class Packer:
         self.runtime.endpoint(PLAN, self.plan)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="packer-health"))
         self.runtime.set_ready(True)
-        log.info("packer serving plans", extra={"grace_s": self.options.node_grace.total_seconds()})
+        log.info(
+            "packer serving plans",
+            extra={"grace_s": self.options.settings.node_grace.total_seconds()},
+        )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -335,7 +336,9 @@ class Packer:
         leased = topology.in_use()
         objects = self.cache.objects("nodes")
         nodes = {name: self._condition(objects[name]) for name in leased if name in objects}
-        failures, self.health = evaluate(nodes, leased, self.health, now, self.options.node_grace)
+        failures, self.health = evaluate(
+            nodes, leased, self.health, now, self.options.settings.node_grace
+        )
         if len(self._conditions) > 2 * len(objects):  # forget nodes that are gone
             self._conditions = {n: c for n, c in self._conditions.items() if n in objects}
         for failure in failures:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from services.forecast.config import engine_flags, engine_settings
 from services.resolver.service import ResolverOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args
 from shared.bus.process import run_main
+from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag, namespace_flag
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOptions]:
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOp
         default=int(env_value("JOBTREE_CONFLICT_RETRIES", "3")),
         help="binder rejections retried on a fresh snapshot ($JOBTREE_CONFLICT_RETRIES)",
     )
+    gpu_resource_flag(parser)
+    namespace_flag(parser)
     engine_flags(parser)
     ns, cfg = parse_service_args("resolver", parser, argv)
     return cfg, ResolverOptions(

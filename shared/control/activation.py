@@ -11,7 +11,8 @@ Activation (SPEC §3 *Activation and resolver*):
    on the intended slice's nodes first; an administrator's Reservation (``strict``) only there,
    a forecast-made one anywhere in its location as a fallback (``Bind``).
 3. Otherwise the deficit is computed in scope (flavor + location, restricted to the intended
-   slice's nodes when it names some; or the paying envelope's concurrency when the owner's own
+   slice's nodes when it names some, and to the best domain for a Run whose groups must share
+   one: :mod:`shared.engine.deficit`; or the paying envelope's concurrency when the owner's own
    envelope is held by relatives or borrowers) and the engine's ``resolve`` cuts — drop spares,
    shrink, then the lottery seeded from (scope, reservation uid, activation instant). The bind is
    recomputed on the state after those ends and committed together with them (``Resolve``).
@@ -46,8 +47,9 @@ from shared.engine.bindplan import (
     lease_name,
     pod_name,
 )
+from shared.engine.deficit import capacity_deficit
 from shared.engine.failures import FailurePlan, NewLease
-from shared.engine.forecast import forecast, min_demand, request_scope, usage_at
+from shared.engine.forecast import forecast, request_scope, usage_at
 from shared.engine.model import Lease, LeaseReason, Role, RunKey, RunRequest
 from shared.engine.resolver import Remedies, Resolution, Scope, remedies, resolve
 from shared.engine.state import ClusterState
@@ -163,21 +165,12 @@ def activation_scope(request: RunRequest, state: ClusterState, target: Target) -
     return Scope(base.flavor, frozenset(target.nodes), base.label)
 
 
-def free_in(state: ClusterState, scope: Scope) -> int:
-    return sum(state.topology.free(name) for name in scope.nodes or ())
-
-
 def capacity_in(state: ClusterState, scope: Scope) -> int:
     total = 0
     for name in scope.nodes or ():
         node = state.topology.node(name)
         total += node.gpus if node is not None else 0
     return total
-
-
-def capacity_deficit(request: RunRequest, state: ClusterState, scope: Scope) -> int:
-    """Minimum demand (narrowest width + spares) minus the free GPUs in scope, at least 1."""
-    return max(min_demand(request) - free_in(state, scope), 1)
 
 
 def overdue(state: ClusterState, scope: Scope) -> tuple[Lease, ...]:
@@ -270,7 +263,8 @@ def decide(
             return Activation(Outcome.BLOCKED, scope, 0, first.reason, first.message)
         deficit = max(first.shortfall, 1)
     else:
-        deficit = capacity_deficit(request, state, scope)
+        missing = capacity_deficit(request, state.topology, scope)
+        deficit, scope = missing.gpus, missing.scope
     limit = capacity_in(state, scope) if funding_envelope is None else None
     step = request.group_gpus or (request.malleable.step_gpus if request.malleable else 1)
     last: Blocked = first
@@ -316,7 +310,7 @@ def decide(
                 break
             deficit += max(got.shortfall, 1)
         else:
-            deficit += max(capacity_deficit(request, after, scope), step)
+            deficit += max(capacity_deficit(request, after.topology, scope).gpus, step)
             if limit is not None and deficit > limit:
                 break
     return Activation(
@@ -361,9 +355,9 @@ def preview(request: RunRequest, state: ClusterState, target: Target) -> Preview
         return Preview(
             fc.deficit_gpus, scope, fc.remedies, got.reason, got.message, fc.funding_scope_envelope
         )
-    deficit = capacity_deficit(request, state, scope)
-    cuts = remedies(deficit, scope, state.open_leases, state.runs, (request.key,))
-    return Preview(deficit, scope, cuts, got.reason, got.message)
+    missing = capacity_deficit(request, state.topology, scope)
+    cuts = remedies(missing.gpus, missing.scope, state.open_leases, state.runs, (request.key,))
+    return Preview(missing.gpus, missing.scope, cuts, got.reason, got.message)
 
 
 # ---------------------------------------------------------------------------- commits

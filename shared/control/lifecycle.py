@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from shared.engine.model import Closure, Lease, Role
+from shared.engine.state import Settings
 
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 TERMINAL = frozenset({SUCCEEDED, FAILED})
-MISSING_GRACE = timedelta(seconds=30)
+MISSING_GRACE = Settings().missing_pod_grace
 """How long a rank may have no pod before the gang counts as broken: the binder creates the pod
 right after the lease, so only a pod cache far behind could show a younger rank without one."""
 

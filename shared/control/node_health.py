@@ -18,9 +18,11 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
+from shared.engine.state import Settings
+
 NODE_DELETED = "NodeDeleted"
 NOT_READY = "NotReady"
-DEFAULT_GRACE = timedelta(seconds=30)
+DEFAULT_GRACE = Settings().node_grace
 
 
 @dataclass(frozen=True, slots=True)

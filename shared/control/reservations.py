@@ -26,7 +26,8 @@ from shared.api import GROUP, Reservation, ReservationState
 from shared.api.errors import ApiValidationError
 from shared.api.lease import LABEL_RUN, label_value
 from shared.bus.messages import RunRef
-from shared.engine.forecast import Forecast, min_demand
+from shared.engine.deficit import min_demand
+from shared.engine.forecast import Forecast
 from shared.engine.model import DOMAIN_LABELS, DomainKey, RunKey, RunRequest
 from shared.engine.resolver import Remedies, Resolution, Scope
 from shared.engine.topology import Topology

@@ -17,7 +17,8 @@ from types import MappingProxyType
 
 from shared.engine.accounting import Meter, Usage
 from shared.engine.admit import Blocked, Start, try_start
-from shared.engine.cover import cover_demand, requested_locations
+from shared.engine.cover import requested_locations
+from shared.engine.deficit import capacity_deficit, min_demand
 from shared.engine.model import (
     DOMAIN_LABELS,
     AggregateCap,
@@ -53,7 +54,8 @@ class Forecast:
     """Why the Run cannot start now (typed cover/pack reason, verbatim)."""
     scope: Scope
     deficit_gpus: int
-    """GPUs missing now in scope (capacity) or in the paying envelope (funding)."""
+    """GPUs missing now in scope (capacity: ``shared.engine.deficit``, whose scope this is) or in
+    the paying envelope (funding)."""
     remedies: Remedies
     placement: Placement | None
     """The slice the Run would take at ``earliest_start`` (None when conservative)."""
@@ -85,10 +87,6 @@ def request_scope(request: RunRequest, state: ClusterState) -> Scope:
         if selector_matches(location, node.labels)
     )
     return Scope(flavor=request.flavor, nodes=nodes, label=f"{request.flavor}@{label}")
-
-
-def _free_in(state: ClusterState, scope: Scope) -> int:
-    return sum(state.topology.free(name) for name in scope.nodes or ())
 
 
 def _funding_scope(request: RunRequest, state: ClusterState) -> str | None:
@@ -317,12 +315,6 @@ def forecast(
             funding_scope_envelope=envelope,
         )
         return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope)
-    deficit = max(min_demand(request) - _free_in(state, scope), 1)
-    cuts = remedies(deficit, scope, state.open_leases, state.runs, protected_runs)
-    return Forecast(at, confidence, blocked, scope, deficit, cuts, placement)
-
-
-def min_demand(request: RunRequest) -> int:
-    """Active GPUs plus spares at the narrowest width the Run may start at."""
-    floor = request.malleable.min_gpus if request.malleable else request.total_gpus
-    return cover_demand(dataclasses.replace(request, total_gpus=floor))
+    missing = capacity_deficit(request, state.topology, scope)
+    cuts = remedies(missing.gpus, missing.scope, state.open_leases, state.runs, protected_runs)
+    return Forecast(at, confidence, blocked, missing.scope, missing.gpus, cuts, placement)

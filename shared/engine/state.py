@@ -14,7 +14,12 @@ from shared.engine.topology import Topology
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Operator-configurable knobs every rule reads from one place."""
+    """Operator-configurable knobs every rule reads from one place.
+
+    Every service parses them with the same flags and environment variables
+    (``shared.bus.settings``), so the binder's re-checks judge a commit by the numbers the
+    services that proposed it used.
+    """
 
     default_duration: timedelta = timedelta(hours=24)
     """Expected duration of a Run without maxDuration (GPU-hours headroom, forecasts)."""
@@ -24,6 +29,10 @@ class Settings:
     """ETA offered when no lease end or window opening in the horizon makes a Run fit."""
     horizon: timedelta = timedelta(days=30)
     """How far the forecast replays the timeline."""
+    node_grace: timedelta = timedelta(seconds=30)
+    """How long a leased node may be NotReady before it counts as failed."""
+    missing_pod_grace: timedelta = timedelta(seconds=30)
+    """How long a running rank may have no pod before its gang closes ``Fail``."""
 
 
 @dataclass(frozen=True, slots=True)

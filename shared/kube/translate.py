@@ -45,7 +45,7 @@ from shared.api.lease import (
 )
 from shared.engine import model as m
 from shared.engine.bindplan import LeaseIntent, PodIntent
-from shared.engine.forecast import min_demand
+from shared.engine.deficit import min_demand
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, node_from_labels
 
 LABEL_FUNDING = f"{GROUP}/funding"

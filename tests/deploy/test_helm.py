@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from shared.bus.settings import KNOBS
 from shared.localenv.controlplane import ControlPlane
 from tests.deploy.conftest import (
     CHART,
@@ -180,6 +181,34 @@ def test_an_all_digit_tag_stays_an_integer_through_upgrades(
         text = json.dumps(template(deploy_bin, *args))
         assert "jobtree:1149504" in text and "e+06" not in text, args
         assert "jobtree:1149504.0" not in text, args
+
+
+def engine_env(container: dict[str, Any]) -> dict[str, Any]:
+    """The container's engine settings (every variable shared.bus.settings reads)."""
+    env = env_of(container)
+    return {knob.env: env.get(knob.env) for knob in KNOBS}
+
+
+def test_every_service_gets_the_same_engine_settings(deploy_bin: Path) -> None:
+    defaults = {knob.env: knob.default() for knob in KNOBS}  # the chart's defaults are the code's
+    for mode in ("combined", "split"):
+        docs = template(deploy_bin, "--set", f"mode={mode}")
+        every = [c for d in find(docs, "Deployment") for c in containers(d)]
+        assert sorted(c["name"] for c in every) == sorted(SERVICES)
+        for c in every:
+            assert engine_env(c) == defaults, c["name"]
+    docs = template(
+        deploy_bin, "--set", "engine.spareFactor=0.5", "--set", "engine.defaultDurationHours=10"
+    )
+    for c in containers(one(docs, "Deployment", "jobtree-controller-manager")):
+        assert engine_env(c) == {
+            **defaults,
+            "JOBTREE_SPARE_FACTOR": "0.5",
+            "JOBTREE_DEFAULT_DURATION_HOURS": "10",
+        }, c["name"]
+    for bad in ("engine.spareFactor=1.5", "engine.nodeGraceSeconds=0", "engine.leadHours=3"):
+        done = run([deploy_bin / "helm", "template", RELEASE, CHART, "--set", bad], check=False)
+        assert done.returncode != 0, bad
 
 
 def _values_file(tmp_path: Path, text: str) -> Path:

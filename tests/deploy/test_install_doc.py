@@ -295,8 +295,8 @@ def dev_applied(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
     assert binder["spec"]["replicas"] == 1
     (container,) = binder["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/davidlangworthy/jobtree:dev"
-    (source,) = container["envFrom"]
-    name = source["configMapRef"]["name"]
+    names = [source["configMapRef"]["name"] for source in container["envFrom"]]
+    (name,) = [n for n in names if n.startswith("jobtree-tracing-")]
     data = ctx.kubectl_json(f"configmap/{name}", "-n", "jobtree-system")["data"]
     assert data["OTEL_EXPORTER_OTLP_ENDPOINT"] == TRACING
 

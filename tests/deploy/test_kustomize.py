@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.bus.settings import KNOBS
 from shared.localenv.controlplane import ControlPlane
 from tests.conftest import ensure_namespace
 from tests.deploy.conftest import (
@@ -68,6 +69,9 @@ def test_base_is_the_split_install(kube: ControlPlane) -> None:
     one(docs, "Namespace", "jobtree-system")
     one(docs, "StatefulSet", "jobtree-nats")
     scripts = console_scripts()
+    (engine,) = [
+        d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("jobtree-engine-")
+    ]
     for name, deployment in deployments(docs).items():
         assert deployment["metadata"]["namespace"] == "jobtree-system"
         spec = deployment["spec"]["template"]["spec"]
@@ -76,6 +80,16 @@ def test_base_is_the_split_install(kube: ControlPlane) -> None:
         assert container["command"][0] in scripts
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["JOBTREE_NATS_URL"] == "nats://jobtree-nats:4222"
+        assert container["envFrom"] == [{"configMapRef": {"name": engine["metadata"]["name"]}}]
+
+
+def test_base_gives_every_service_the_engine_settings_of_the_code(kube: ControlPlane) -> None:
+    (engine,) = [
+        d for d in find(documents(build(kube, "base")), "ConfigMap")
+        if d["metadata"]["name"].startswith("jobtree-engine-")
+    ]  # fmt: skip
+    defaults = {knob.env: knob.default() for knob in KNOBS}
+    assert {k: f"{float(v):g}" for k, v in engine["data"].items()} == defaults
 
 
 def test_base_rbac_matches_the_helm_chart(kube: ControlPlane, deploy_bin: Path) -> None:

@@ -193,19 +193,32 @@ def test_kustomize_tracing_is_off_without_the_component(kubectl: Path, overlay: 
     docs = kustomize(kubectl, KUSTOMIZE / overlay)
     assert not tracing_config_maps(docs)
     for container in service_containers(docs):
-        assert "envFrom" not in container
+        assert [s["configMapRef"]["name"] for s in container["envFrom"]] == [engine_name(docs)]
         assert not [e for e in container.get("env", []) if OTEL.match(e["name"])]
 
 
+def engine_name(docs: list[dict[str, Any]]) -> str:
+    """The base's engine-settings ConfigMap, the first environment source of every service."""
+    (config_map,) = [
+        d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("jobtree-engine")
+    ]
+    name: str = config_map["metadata"]["name"]
+    return name
+
+
 def _via_config_map(docs: list[dict[str, Any]]) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """The tracing ConfigMap's data, and the containers after checking each takes it whole."""
+    """The tracing ConfigMap's data, and the containers after checking each takes it whole
+    (after the engine settings)."""
     (config_map,) = tracing_config_maps(docs)
     name = config_map["metadata"]["name"]
     assert re.fullmatch(r"jobtree-tracing-[a-z0-9]{10}", name), "content-hashed name"
     assert config_map["metadata"]["namespace"] == "jobtree-system"
     containers = service_containers(docs)
     for container in containers:
-        assert container["envFrom"] == [{"configMapRef": {"name": name}}], container["name"]
+        assert container["envFrom"] == [
+            {"configMapRef": {"name": engine_name(docs)}},
+            {"configMapRef": {"name": name}},
+        ], container["name"]
     data = config_map["data"]
     assert isinstance(data, dict)
     return data, containers

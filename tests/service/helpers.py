@@ -34,6 +34,7 @@ from shared.engine.bindplan import BindIntent, LeaseIntent, bind_plan
 from shared.engine.model import Envelope, FundingKind, LeaseReason, Role, RunRequest
 from shared.engine.offers import Funding, Offer
 from shared.engine.pack import GroupPlacement, PlacedSlice, Placement
+from shared.engine.state import Settings
 from shared.kube.client import make_client
 from shared.kube.translate import lease_manifest, run_request
 from shared.localenv.controlplane import ControlPlane
@@ -434,7 +435,7 @@ def binder_and_resolver(
     The tests write holders' Leases directly, without pods: the binder must not end them as
     gangs whose pods are gone.
     """
-    options = BinderOptions(missing_pod_grace=timedelta(days=365))
+    options = BinderOptions(settings=Settings(missing_pod_grace=timedelta(days=365)))
     binder = Binder(ServiceRuntime("binder", nats_url=nats.url), api, options)
     resolver = Resolver(
         ServiceRuntime("resolver", nats_url=nats.url), api, ResolverOptions(namespace=namespace)
@@ -463,8 +464,11 @@ def spawn_service(
     log: Path,
     *extra: str,
     log_format: str = "text",
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``python -m services.<service>`` on a free HTTP port, output to ``log``; (process, port)."""
+    """``python -m services.<service>`` on a free HTTP port, output to ``log``; (process, port).
+
+    ``env`` is added to this process's environment (the way a Deployment sets settings)."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -481,7 +485,7 @@ def spawn_service(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
         )
     return proc, port
 

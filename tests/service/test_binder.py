@@ -31,6 +31,7 @@ from shared.bus import (
 )
 from shared.engine.bindplan import BindIntent
 from shared.engine.model import LeaseReason
+from shared.engine.state import Settings
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
 
@@ -103,7 +104,9 @@ async def binder(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Binder]:
     runtime = ServiceRuntime("binder", nats_url=nats_server.url)
-    options = BinderOptions(tick_seconds=0.2, missing_pod_grace=timedelta(seconds=5))
+    options = BinderOptions(
+        tick_seconds=0.2, settings=Settings(missing_pod_grace=timedelta(seconds=5))
+    )
     async with h.in_process(crds, lambda api: Binder(runtime, api, options)) as service:
         yield service
 

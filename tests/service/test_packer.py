@@ -30,6 +30,7 @@ from shared.bus import (
     decode,
 )
 from shared.engine.model import Envelope, Role, RunRequest
+from shared.engine.state import Settings
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
 
@@ -104,7 +105,7 @@ async def packer(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Packer]:
     runtime = ServiceRuntime("packer", nats_url=nats_server.url)
-    options = PackerOptions(node_grace=timedelta(seconds=GRACE))
+    options = PackerOptions(settings=Settings(node_grace=timedelta(seconds=GRACE)))
     async with h.in_process(crds, lambda api: Packer(runtime, api, options)) as service:
         yield service
 

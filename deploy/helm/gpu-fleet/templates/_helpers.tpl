@@ -107,6 +107,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* The engine settings (values `engine`), the same for every service (shared/bus/settings.py).
+     `--set engine.spareFactor=0.5` passes a string, so the range is checked here. */}}
+{{- define "gpu-fleet.engineEnv" -}}
+{{- $engine := .Values.engine -}}
+{{- $vars := dict "defaultDurationHours" "JOBTREE_DEFAULT_DURATION_HOURS" "spareFactor" "JOBTREE_SPARE_FACTOR" "conservativeLeadHours" "JOBTREE_CONSERVATIVE_LEAD_HOURS" "horizonDays" "JOBTREE_HORIZON_DAYS" "nodeGraceSeconds" "JOBTREE_NODE_GRACE_SECONDS" "missingPodGraceSeconds" "JOBTREE_MISSING_POD_GRACE_SECONDS" -}}
+{{- range $key, $var := $vars }}
+{{- $value := index $engine $key | toString }}
+{{- $number := float64 $value }}
+{{- if eq $key "spareFactor" }}
+{{- if or (lt $number 0.0) (gt $number 1.0) }}
+{{- fail (printf "engine.spareFactor must be between 0 and 1, not %s" $value) }}
+{{- end }}
+{{- else if le $number 0.0 }}
+{{- fail (printf "engine.%s must be positive, not %s" $key $value) }}
+{{- end }}
+- name: {{ $var }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end -}}
+
 {{/*
 OpenTelemetry trace export of one service container: (dict "root" $ "service" "binder").
 Nothing unless tracing.otlpEndpoint is set (the services then export over OTLP/HTTP, see
@@ -179,6 +199,7 @@ One service container: (dict "root" $ "service" "binder").
       valueFrom:
         fieldRef:
           fieldPath: metadata.namespace
+    {{- include "gpu-fleet.engineEnv" $root | nindent 4 }}
     {{- include "gpu-fleet.tracingEnv" (dict "root" $root "service" $name) | nindent 4 }}
     {{- if eq $name "admission" }}
     {{- if $svc.defaultOwnerGlobs }}
@@ -193,10 +214,6 @@ One service container: (dict "root" $ "service" "binder").
     - name: JOBTREE_TLS_KEY
       value: /etc/jobtree/webhook/tls.key
     {{- end }}
-    {{- end }}
-    {{- if eq $name "packer" }}
-    - name: JOBTREE_NODE_GRACE_SECONDS
-      value: {{ $svc.nodeGraceSeconds | quote }}
     {{- end }}
     {{- if eq $name "binder" }}
     - name: JOBTREE_LEADER_ELECT
