@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROG = "kubectl-runs"
 SHELLS = ("bash", "zsh", "fish")
@@ -28,8 +28,7 @@ DIRECTIVE_NO_FILES = 4
 """Cobra's ShellCompDirective values, as kubectl expects them from a completion plugin."""
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(NamedTuple):
     flags: tuple[str, ...]
     takes_value: bool
     choices: tuple[str, ...]
@@ -38,8 +37,7 @@ class Option:
     metavar: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """One node of the command tree: ``path`` () is the root."""
 
     path: tuple[str, ...]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 PLAIN = ("table", "wide", "json", "yaml", "name")
 TEMPLATES = ("jsonpath=", "custom-columns=")
@@ -36,8 +35,7 @@ class Formats(tuple[str, ...]):
 FORMATS = Formats((*PLAIN, *TEMPLATES))
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
     """A parsed ``-o`` value: its kind and, for templates, the template text."""
 
     kind: str
