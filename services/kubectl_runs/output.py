@@ -136,9 +136,11 @@ def evaluate(path: str, data: Any) -> list[Any]:
 
 
 def text_of(value: Any) -> str:
-    """How kubectl prints one selected value: strings bare, the rest as JSON."""
+    """How kubectl prints one selected value: strings bare, nothing for null, the rest as JSON."""
     if isinstance(value, str):
         return value
+    if value is None:
+        return ""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -215,7 +217,7 @@ def custom_columns(spec: str, rows: Sequence[Any]) -> tuple[list[str], list[list
     for row in rows:
         cells = []
         for _, path in columns:
-            found = evaluate(path, row)
+            found = [v for v in evaluate(path, row) if v is not None]
             cells.append(",".join(text_of(v) for v in found) if found else NONE)
         body.append(cells)
     return [h for h, _ in columns], body

@@ -23,7 +23,8 @@ def test_jsonpath_fields_wildcards_indexes_and_range() -> None:
     text = output.jsonpath('{range [*]}{.name}{"\\t"}{.width.desired}{"\\n"}{end}', RECORD)
     assert text == "a\t16\nb\t32\n"
     assert output.jsonpath("{.missing}", {"a": 1}) == ""
-    assert output.jsonpath("{.eta}", RECORD[0]) == "null"
+    assert output.jsonpath("{.eta}", RECORD[0]) == ""  # null prints as nothing
+    assert output.custom_columns("ETA:.eta", RECORD) == (["ETA"], [[output.NONE], ["in 2h"]])
 
 
 @pytest.mark.parametrize(
