@@ -183,7 +183,10 @@ def request_timeout(text: str) -> float:
 def table_width(environ: Mapping[str, str], terminal: bool) -> int:
     """The terminal's width (at least 80); unlimited when stdout is not a terminal, like
     kubectl, unless ``COLUMNS`` asks for a width."""
-    if not terminal and not environ.get("COLUMNS"):
+    asked = environ.get("COLUMNS", "")
+    if asked.isdigit() and int(asked) > 0:
+        return max(80, int(asked))
+    if not terminal:
         return UNLIMITED
     return max(80, shutil.get_terminal_size((120, 24)).columns)
 
@@ -680,7 +683,8 @@ async def cmd_leases(ctx: Context, args: argparse.Namespace) -> int:
         and (namespace is None or views.lease_run_key(lease)[0] == namespace)
     ]
     rows = views.lease_rows(leases, ctx.now())
-    ctx.emit(rows, lambda: render.leases(rows, ctx.width))
+    names = [f"leases.rq.davidlangworthy.io/{r['name']}" for r in rows]
+    ctx.emit(rows, lambda: render.leases(rows, ctx.width), names=lambda: names, headed=bool(rows))
     return 0
 
 
@@ -690,7 +694,8 @@ async def cmd_pods(ctx: Context, args: argparse.Namespace) -> int:
         ctx, PODS, "pods", namespace=namespace, label_selector=views.pod_selector(("", name))
     )
     rows = views.pod_rows(pods, ctx.now())
-    ctx.emit(rows, lambda: render.pods(rows, ctx.width))
+    names = [f"pod/{r['name']}" for r in rows]
+    ctx.emit(rows, lambda: render.pods(rows, ctx.width), names=lambda: names, headed=bool(rows))
     return 0
 
 
