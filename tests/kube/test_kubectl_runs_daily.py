@@ -8,8 +8,11 @@ pods have no kubelet, so `logs` is tested for the request it makes and the serve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
+import select
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -360,3 +363,60 @@ def test_kubectl_completes_run_names_namespaces_and_contexts(cli: Cli, tmp_path:
     contexts = yaml.safe_load(cli.kube.kubeconfig.read_text())["contexts"]
     assert complete("list", "--context", "") == sorted(c["name"] for c in contexts)
     assert complete("li") == ["list"]
+
+
+def _on_a_terminal(cli: Cli, args: list[str], answer: str) -> tuple[int, str]:
+    """Run `kubectl runs ARGS` with stdin/stdout on a pseudo-terminal, answer the question."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [str(cli.kube.bin_dir / "kubectl"), "runs", *args],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=cli.env, close_fds=True,
+    )  # fmt: skip
+    os.close(secondary)
+    seen = b""
+    while b"[y/N]" not in seen:
+        ready, _, _ = select.select([primary], [], [], 30)
+        assert ready, seen
+        seen += os.read(primary, 4096)
+    os.write(primary, answer.encode() + b"\n")
+    code = proc.wait(30)
+    with contextlib.suppress(OSError):
+        while chunk := os.read(primary, 4096):
+            seen += chunk
+    os.close(primary)
+    return code, seen.decode(errors="replace")
+
+
+def test_cancel_asks_on_a_terminal(cli: Cli) -> None:
+    apply(cli, run_manifest("asked-1"))
+    code, text = _on_a_terminal(cli, ["cancel", "asked-1", "-n", NS], "n")
+    assert code == 1 and f"{NS}/asked-1 (Pending)" in text and "cancelled nothing" in text
+    assert cli.kube.kubectl("get", "run", "asked-1", "-n", NS, check=False).returncode == 0
+    code, text = _on_a_terminal(cli, ["cancel", "asked-1", "-n", NS], "y")
+    assert code == 0 and "runs.rq.davidlangworthy.io/asked-1 deleted" in text
+    assert cli.kube.kubectl("get", "run", "asked-1", "-n", NS, check=False).returncode != 0
+
+
+def test_watch_exits_4_when_the_run_is_deleted(cli: Cli) -> None:
+    apply(cli, run_manifest("gone-1"))
+    proc = subprocess.Popen(
+        [str(cli.kube.bin_dir / "kubectl"), "runs", "watch", "gone-1", "-n", NS, "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    while "(all)" not in (line := proc.stdout.readline()):  # the snapshot is printed
+        assert line, proc.stderr.read() if proc.stderr else ""
+    cli("cancel", "gone-1", "-n", NS, "--yes")
+    assert proc.wait(60) == 4
+
+
+def test_every_command_takes_kubectls_output_flags(cli: Cli) -> None:
+    assert cli("plan", "alpha-2", "-n", NS, "-o", "jsonpath={.phase}").stdout == "Reserved"
+    assert cli("plan", "alpha-2", "-n", NS, "-o", "name").stdout.strip() == (
+        "runs.rq.davidlangworthy.io/alpha-2"
+    )
+    pods = cli("pods", "alpha-1", "-n", NS, "-o", "name").stdout.split()
+    assert pods == ["pod/alpha-1-g0-r0"]
+    assert "NAME" not in cli("pods", "alpha-1", "-n", NS, "--no-headers").stdout
+    done = cli("list", "-n", NS, "--request-timeout", "10s", "-o", "name")
+    assert "runs.rq.davidlangworthy.io/alpha-1" in done.stdout
