@@ -23,28 +23,9 @@ from services.kubectl_runs.commands import (
     explain_error,
     find_run,
 )
-from shared.cli import views
+from shared.cli import listing, views
 from shared.kube.client import KubeError, request
 from shared.kube.resources import GPU_LEASES, RUNS
-
-
-def summary(run: Mapping[str, Any], leases: list[dict[str, Any]]) -> dict[str, Any]:
-    """What cancelling ``run`` ends: its phase and its open Leases' GPUs."""
-    mine = [
-        lease
-        for lease in views.leases_of(views.run_key_of(run), leases)
-        if not views.as_map(lease.get("status")).get("closed")
-    ]
-    gpus = sum(
-        views.as_int(views.as_map(views.as_map(x.get("spec")).get("slice")).get("gpus"))
-        for x in mine
-    )
-    return {
-        "run": views.run_label(views.run_key_of(run)),
-        "phase": views.as_str(views.as_map(run.get("status")).get("phase")) or "Pending",
-        "openLeases": len(mine),
-        "gpus": gpus,
-    }
 
 
 def describe(item: Mapping[str, Any]) -> str:
@@ -63,10 +44,8 @@ def confirm(items: list[dict[str, Any]]) -> bool:
         "Open leases close Canceled (kept as the ledger) and the pods are deleted.",
         file=sys.stderr,
     )
-    try:
-        answer = input("Cancel these runs? [y/N] ")
-    except EOFError:
-        return False
+    print("Cancel these runs? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()  # "" at end of input: declined
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -83,7 +62,11 @@ async def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
     items = []
     for key, run in unique.items():
         selector = views.lease_selector(key)
-        items.append(summary(run, await _list_optional(ctx, GPU_LEASES, label_selector=selector)))
+        items.append(
+            listing.cancel_summary(
+                run, await _list_optional(ctx, GPU_LEASES, label_selector=selector)
+            )
+        )
     if not args.yes and sys.stdin.isatty() and not confirm(items):
         raise CliError("cancelled nothing")
     api = await ctx.api()

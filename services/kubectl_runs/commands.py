@@ -96,7 +96,7 @@ class Context:
             except ConfigError as exc:
                 raise CliError(str(exc)) from exc
             try:
-                self._api = await make_client(path, self.context)
+                self._api = await make_client(path, self.context, in_cluster=path is None)
             except Exception as exc:
                 raise CliError(f"cannot load kubeconfig {path or '(in-cluster)'}: {exc}") from exc
         return self._api

@@ -126,3 +126,19 @@ def list_rows(
         )
         for run in runs
     ]
+
+
+def cancel_summary(run: Obj, leases: Iterable[Obj]) -> Record:
+    """What cancelling ``run`` ends: its phase and its open Leases (count and GPUs)."""
+    key = views.run_key_of(run)
+    mine = [
+        lease
+        for lease in views.leases_of(key, leases)
+        if not views.as_map(lease.get("status")).get("closed")
+    ]
+    gpus = sum(
+        views.as_int(views.as_map(views.as_map(x.get("spec")).get("slice")).get("gpus"))
+        for x in mine
+    )
+    phase = views.as_str(views.as_map(run.get("status")).get("phase")) or "Pending"
+    return {"run": views.run_label(key), "phase": phase, "openLeases": len(mine), "gpus": gpus}

@@ -98,6 +98,21 @@ def test_rows_have_width_eta_reason_funding_and_domains() -> None:
     assert by["big"]["age"] == "2d16h"
 
 
+def test_cancel_summary_counts_open_leases() -> None:
+    leases = [
+        lease("big-g0-r0", "big", "gpu-a-01"),
+        lease("big-g0-r1", "big", "gpu-a-02", gpus=4),
+        lease("big-old", "big", "gpu-b-09", closed=True),
+        lease("other", "wait", "gpu-a-03"),
+    ]
+    assert listing.cancel_summary(RUNNING, leases) == {
+        "run": "research/big",
+        "phase": "Running",
+        "openLeases": 2,
+        "gpus": 12,
+    }
+
+
 def test_filters_and_sorts() -> None:
     all_rows = rows()
     assert [r["name"] for r in all_rows if listing.matches(r, "org:ai", None)] == ["big"]
