@@ -322,7 +322,11 @@ async def get_object(
 
 
 def run_ref(ctx: Context, text: str) -> tuple[str | None, str]:
-    """(namespace or None for "any namespace", name) of a RUN argument."""
+    """(namespace or None for "any namespace", name) of a RUN argument.
+
+    ``-o name``'s ``runs.rq.davidlangworthy.io/NAME`` is accepted too (namespaces have no dots).
+    """
+    text = text.removeprefix(f"{RUNS.plural}.{RUNS.group}/")
     try:
         if "/" in text:
             return views.split_run_ref(text, ctx.namespace)

@@ -12,12 +12,10 @@ from typing import Any
 
 from services.kubectl_runs import render
 from services.kubectl_runs.commands import CliError, Context, explain_error, list_objects
+from services.kubectl_runs.version import jobtree_deployments
 from shared.cli.owners import owners_record
 from shared.kube.client import KubeError, request
-from shared.kube.resources import BUDGETS, DEPLOYMENTS, NAMESPACES, Resource
-
-ADMISSION_SELECTOR = "app.kubernetes.io/component=admission"
-
+from shared.kube.resources import BUDGETS, NAMESPACES, Resource
 
 FORBIDDEN = (401, 403)
 
@@ -46,7 +44,7 @@ async def cmd_owners(ctx: Context, args: argparse.Namespace) -> int:
             readable = False  # the annotation decides, and it cannot be read
         elif exc.status != 404:
             raise CliError(explain_error(exc, f"namespace {ctx.namespace}")) from exc
-    admissions = await _optional(ctx, DEPLOYMENTS, ADMISSION_SELECTOR) or []
+    admissions = await jobtree_deployments(ctx) or []
     budgets = await _optional(ctx, BUDGETS)
     record = owners_record(ctx.namespace, namespace_obj, admissions, budgets)
     record["namespaceReadable"] = readable

@@ -2,7 +2,8 @@
 
 The server side is what the API server says: its own ``/version``, whether it serves the
 Jobtree API group (and which versions), and the Jobtree service Deployments the caller may list
-(image, ``app.kubernetes.io/version`` label, ready replicas). ``--client`` contacts nothing.
+(``shared.cli.deployments``: one row per service container, with its image, the
+``app.kubernetes.io/version`` label and ready replicas). ``--client`` contacts nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Any
 from services.kubectl_runs import render
 from services.kubectl_runs.commands import CliError, Context, explain_error, list_objects
 from shared.api import GROUP
+from shared.cli.deployments import SELECTORS, service_rows
 from shared.kube.client import KubeError, request
 from shared.kube.resources import DEPLOYMENTS
-
-SERVICES = ("admission", "packer", "forecast", "resolver", "binder")
-SELECTOR = f"app.kubernetes.io/component in ({','.join(SERVICES)})"
-VERSION_LABEL = "app.kubernetes.io/version"
 
 
 def client_version() -> str:
@@ -29,28 +27,23 @@ def client_version() -> str:
         return "unknown (not installed as a package)"
 
 
-def service_row(deployment: dict[str, Any]) -> dict[str, Any] | None:
-    """A Jobtree service Deployment (one running ``jobtree-<service>``), else None."""
-    meta = deployment.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
-    containers = spec.get("containers") or []
-    first = containers[0] if containers else {}
-    words = [str(w) for w in (*(first.get("command") or ()), *(first.get("args") or ()))]
-    component = labels.get("app.kubernetes.io/component")
-    if component not in SERVICES or not any(
-        w.startswith("jobtree-") or w in SERVICES for w in words
-    ):
-        return None
-    status = deployment.get("status") or {}
-    wanted = (deployment.get("spec") or {}).get("replicas", 1)
-    return {
-        "service": component,
-        "deployment": f"{meta.get('namespace')}/{meta.get('name')}",
-        "image": first.get("image"),
-        "version": labels.get(VERSION_LABEL),
-        "ready": f"{status.get('readyReplicas') or 0}/{wanted}",
-    }
+async def jobtree_deployments(ctx: Context) -> list[dict[str, Any]] | None:
+    """Deployments labelled as Jobtree's (chart or Kustomize), or None when not allowed."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    api = await ctx.api()
+    for selector in SELECTORS:
+        try:
+            items = await list_objects(
+                api, DEPLOYMENTS, label_selector=selector, timeout=ctx.timeout
+            )
+        except KubeError as exc:
+            if exc.status in (401, 403, 404):
+                return None
+            raise CliError(explain_error(exc, "deployments")) from exc
+        for item in items:
+            meta = item.get("metadata") or {}
+            found[(str(meta.get("namespace")), str(meta.get("name")))] = item
+    return list(found.values())
 
 
 async def cmd_version(ctx: Context, args: argparse.Namespace) -> int:
@@ -72,15 +65,8 @@ async def cmd_version(ctx: Context, args: argparse.Namespace) -> int:
             if exc.status != 404:
                 raise CliError(explain_error(exc, f"API group {GROUP}")) from exc
             record["api"] = []
-        try:
-            found = await list_objects(
-                api, DEPLOYMENTS, label_selector=SELECTOR, timeout=ctx.timeout
-            )
-            record["services"] = [r for d in found if (r := service_row(d)) is not None]
-        except KubeError as exc:
-            if exc.status not in (401, 403, 404):
-                raise CliError(explain_error(exc, "deployments")) from exc
-            record["services"] = None
+        deployments = await jobtree_deployments(ctx)
+        record["services"] = None if deployments is None else service_rows(deployments)
 
     def table() -> str:
         lines = [f"Client Version: {record['client']['version']}"]

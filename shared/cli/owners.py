@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shared.cli import views
+from shared.cli.deployments import command_words, service_containers
 from shared.control.tenancy import (
     DEFAULT_OWNER_GLOBS,
     OWNERS_ANNOTATION,
@@ -25,26 +26,15 @@ from shared.control.tenancy import (
 Obj = Mapping[str, Any]
 GLOBS_FLAG = "--default-owner-globs"
 GLOBS_ENV = "JOBTREE_DEFAULT_OWNER_GLOBS"
-ADMISSION_COMMAND = "jobtree-admission"
 
 
 def admission_default(deployment: Obj) -> str | None:
-    """The ``--default-owner-globs`` text of an admission Deployment's container (flag, then
-    env); None when the Deployment does not run ``jobtree-admission``."""
-    spec = views.as_map(
-        views.as_map(views.as_map(deployment.get("spec")).get("template")).get("spec")
-    )
-    for container in views.as_list(spec.get("containers")):
-        container = views.as_map(container)
-        words = [
-            str(w)
-            for w in (
-                *views.as_list(container.get("command")),
-                *views.as_list(container.get("args")),
-            )
-        ]
-        if not any(w.endswith(ADMISSION_COMMAND) or w == "admission" for w in words):
+    """The ``--default-owner-globs`` text of a Deployment's admission container (flag, then
+    env, else the built-in ``*``); None when it runs no admission container."""
+    for service, container in service_containers(deployment):
+        if service != "admission":
             continue
+        words = command_words(container)
         for i, word in enumerate(words):
             if word.startswith(GLOBS_FLAG + "="):
                 return word.partition("=")[2]

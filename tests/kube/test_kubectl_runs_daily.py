@@ -412,6 +412,9 @@ def test_watch_exits_4_when_the_run_is_deleted(cli: Cli) -> None:
 
 def test_every_command_takes_kubectls_output_flags(cli: Cli) -> None:
     assert cli("plan", "alpha-2", "-n", NS, "-o", "jsonpath={.phase}").stdout == "Reserved"
+    # what -o name prints is a RUN argument (kubectl runs list -o name | xargs -n1 …)
+    named = cli("plan", "runs.rq.davidlangworthy.io/alpha-2", "-n", NS, "-o", "jsonpath={.run}")
+    assert named.stdout == f"{NS}/alpha-2"
     assert cli("plan", "alpha-2", "-n", NS, "-o", "name").stdout.strip() == (
         "runs.rq.davidlangworthy.io/alpha-2"
     )
@@ -420,3 +423,50 @@ def test_every_command_takes_kubectls_output_flags(cli: Cli) -> None:
     assert "NAME" not in cli("pods", "alpha-1", "-n", NS, "--no-headers").stdout
     done = cli("list", "-n", NS, "--request-timeout", "10s", "-o", "name")
     assert "runs.rq.davidlangworthy.io/alpha-1" in done.stdout
+
+
+def test_version_and_owners_read_the_service_deployments(cli: Cli) -> None:
+    """A chart-style combined Deployment (no controllers run here: 0 ready)."""
+    labels = {"app.kubernetes.io/part-of": "jobtree", "app.kubernetes.io/version": "0.1.0"}
+    selector = {"app.kubernetes.io/component": "controller-manager"}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "jobtree-cm", "namespace": OTHER, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": selector},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "admission",
+                            "image": "ghcr.io/davidlangworthy/jobtree:0.1.0",
+                            "command": ["jobtree-admission"],
+                            "args": ["--default-owner-globs=lab:*,org:ml"],
+                        },
+                        {
+                            "name": "binder",
+                            "image": "ghcr.io/davidlangworthy/jobtree:0.1.0",
+                            "command": ["jobtree-binder"],
+                        },
+                    ]
+                },
+            },
+        },
+    }
+    apply(cli, deployment)
+    try:
+        services = cli.json("version")["services"]
+        assert [(s["service"], s["deployment"], s["version"]) for s in services] == [
+            ("admission", f"{OTHER}/jobtree-cm", "0.1.0"),
+            ("binder", f"{OTHER}/jobtree-cm", "0.1.0"),
+        ]
+        assert "admission  " in cli("version").stdout
+        record = cli.json("owners", "-n", OTHER)  # no annotation: the Deployment's default
+        assert record["globs"] == ["lab:*", "org:ml"]
+        assert record["source"] == (
+            f"no annotation: the default owner globs of admission Deployment {OTHER}/jobtree-cm"
+        )
+    finally:
+        cli.kube.kubectl("delete", "deployment", "jobtree-cm", "-n", OTHER, check=False)

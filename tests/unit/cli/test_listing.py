@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from shared.cli import listing, views
+from shared.cli.deployments import service_rows
 from shared.cli.owners import admission_default, owners_record
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -171,3 +172,37 @@ def test_owners_record_says_where_the_globs_come_from() -> None:
     assert "budgetOwners" not in configured  # Budgets not readable: not guessed
     unknown = owners_record("x", None, [], None)
     assert unknown["globs"] == ["*"] and "not visible" in unknown["source"]
+
+
+def test_service_rows_find_split_and_combined_deployments() -> None:
+    combined = {
+        "metadata": {
+            "name": "jobtree-controller-manager",
+            "namespace": "jobtree-system",
+            "labels": {"app.kubernetes.io/version": "1.2.3"},
+        },
+        "spec": {
+            "replicas": 2,
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "binder", "image": "img:1", "command": ["jobtree-binder"]},
+                        {"name": "admission", "image": "img:1", "command": ["jobtree-admission"]},
+                        {"name": "sidecar", "image": "envoy", "command": ["envoy"]},
+                    ]
+                }
+            },
+        },
+        "status": {"readyReplicas": 1},
+    }
+    split = {
+        "metadata": {"name": "packer", "namespace": "jt"},
+        "spec": {"template": {"spec": {"containers": [{"name": "p", "args": ["packer"]}]}}},
+    }
+    rows = service_rows([combined, split])
+    assert [(r["service"], r["deployment"], r["ready"]) for r in rows] == [
+        ("admission", "jobtree-system/jobtree-controller-manager", "1/2"),
+        ("packer", "jt/packer", "0/1"),
+        ("binder", "jobtree-system/jobtree-controller-manager", "1/2"),
+    ]
+    assert rows[0]["version"] == "1.2.3" and rows[0]["image"] == "img:1"
