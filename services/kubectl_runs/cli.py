@@ -414,7 +414,10 @@ def handler_of(spec: str) -> Any:
 def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     """Parse ``argv`` and run the command; the process exit status."""
     if argv and argv[0] == "__complete":
-        return complete_protocol(argv[1:], sys.stdout, environ)
+        try:
+            return complete_protocol(argv[1:], sys.stdout, environ)
+        except BrokenPipeError:  # the shell stopped reading
+            return 0
     args = build_parser().parse_args(list(argv))
     from services.kubectl_runs import commands  # the API client, models and views
 
