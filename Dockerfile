@@ -11,7 +11,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[server]'
 
 FROM ${PYTHON_IMAGE}
 ARG APP_UID=65532
@@ -21,7 +21,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     JOBTREE_HTTP_HOST=0.0.0.0
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels jobtree \
+    pip install --no-index --find-links /wheels 'jobtree[server]' \
     && groupadd --system --gid "${APP_UID}" jobtree \
     && useradd --system --uid "${APP_UID}" --gid jobtree --home-dir /home/jobtree --create-home \
        --shell /usr/sbin/nologin jobtree

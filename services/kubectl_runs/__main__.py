@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from services.kubectl_runs.commands import run
+from services.kubectl_runs.cli import run
 
 
 def main() -> int:
     """Console-script entry point; returns the exit status."""
-    logging.basicConfig(level=logging.CRITICAL, format="%(message)s")
     return run(sys.argv[1:])
 
 

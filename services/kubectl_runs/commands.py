@@ -1,4 +1,4 @@
-"""The ``kubectl runs`` command tree and the thin shell around each command.
+"""The thin shell around each ``kubectl runs`` command (the tree itself is in ``cli``).
 
 Each handler fetches what its view needs from the API server (through ``shared.kube``), reads the
 clock once, calls the pure view in ``shared.cli.views`` and prints the record with
@@ -12,23 +12,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import logging
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
+import aiohttp
 import yaml
 from kubernetes_asyncio.client import ApiClient
 
-from services.kubectl_runs import completion, render
-from services.kubectl_runs.config import default_namespace
+from services.kubectl_runs import completion, output, render
+from services.kubectl_runs.cli import build_parser, handler_of
+from services.kubectl_runs.config import ConfigError, client_kubeconfig, default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
-from shared.kube.client import APPLY_PATCH, KubeError, make_client, request
+from shared.kube.client import APPLY_PATCH, DEFAULT_TIMEOUT, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
     BUDGETS,
@@ -45,6 +47,12 @@ MERGE_PATCH = "application/merge-patch+json"
 KINDS: Mapping[str, Resource] = {r.kind: r for r in (BUDGETS, RUNS, RESERVATIONS, GPU_LEASES)}
 PAGE = 500
 RETRIES = 3
+EXIT_WATCH_FAILED = 3
+EXIT_WATCH_DELETED = 4
+EXIT_WATCH_TIMEOUT = 5
+"""``watch`` exit codes (documented in ``cli.EXIT_CODES`` and docs/kubectl-runs.md)."""
+UNLIMITED = 1 << 30
+"""Table width when stdout is not a terminal: nothing is cut."""
 Handler = Callable[["Context", argparse.Namespace], Awaitable[int]]
 
 
@@ -54,135 +62,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
-
-
-# ---------------------------------------------------------------------------- the parser
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2), like the rest of the CLI's errors."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def _globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """kubectl's connection and output flags, accepted before or after the subcommand."""
-    default: Any = None if top else argparse.SUPPRESS
-    group = parser.add_argument_group("kubectl options")
-    group.add_argument("--kubeconfig", metavar="FILE", default=default, help="kubeconfig file")
-    group.add_argument("--context", default=default, help="kubeconfig context to use")
-    group.add_argument(
-        "-n", "--namespace", default=default, help="namespace (default: the context's)"
-    )
-    group.add_argument(
-        "-A",
-        "--all-namespaces",
-        action="store_true",
-        default=False if top else argparse.SUPPRESS,
-        help="find the Run in any namespace (RUN may also be NAMESPACE/NAME)",
-    )
-    group.add_argument(
-        "-o",
-        "--output",
-        choices=render.FORMATS,
-        default="table" if top else argparse.SUPPRESS,
-        help="output format",
-    )
-
-
-def _command(
-    subs: argparse._SubParsersAction[Parser],
-    name: str,
-    help_text: str,
-    handler: Handler | None,
-) -> Parser:
-    parser = subs.add_parser(name, help=help_text, description=help_text)
-    _globals(parser, top=False)
-    if handler is not None:
-        parser.set_defaults(handler=handler)
-    return parser
-
-
-def _run_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar=completion.RUN_METAVAR, help="Run name or NAMESPACE/NAME")
-
-
-def build_parser() -> Parser:
-    """The whole command tree (completions are generated from it)."""
-    parser = Parser(
-        prog="kubectl runs",
-        description="Plan, watch and explain Jobtree Runs, budgets and leases.",
-    )
-    _globals(parser, top=True)
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = _command(subs, "submit", "validate manifests and server-side apply them", cmd_submit)
-    p.add_argument(
-        "-f",
-        "--filename",
-        metavar=completion.FILE_METAVAR,
-        action="append",
-        required=True,
-        help="YAML or JSON file with one or more documents; - reads stdin (repeatable)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="validate on the server, change nothing")
-    p.add_argument(
-        "--force-conflicts",
-        action="store_true",
-        help="take over fields another manager owns (server-side apply force)",
-    )
-
-    p = _command(subs, "plan", "why a Run waits: phase, reason, forecast, ETA", cmd_plan)
-    _run_arg(p)
-
-    p = _command(subs, "watch", "stream width, funding, countdown and lease events", cmd_watch)
-    _run_arg(p)
-    p.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop after this many seconds (exit 0)"
-    )
-
-    p = _command(subs, "explain", "who pays, where, every lease, lotteries replayed", cmd_explain)
-    _run_arg(p)
-
-    budgets = _command(subs, "budgets", "budget views", None)
-    budget_subs = budgets.add_subparsers(dest="budgets_command", metavar="COMMAND", required=True)
-    p = _command(budget_subs, "usage", "headroom per envelope and aggregate cap", cmd_usage)
-    p.add_argument("--owner", help="owner, family prefix (org:ai) or glob")
-    p.add_argument(
-        "--spare-factor",
-        type=float,
-        default=1.0,
-        metavar="F",
-        help="fraction of a spare GPU-hour charged, as the services are configured (default 1)",
-    )
-
-    sponsors = _command(subs, "sponsors", "list or edit spec.funding.sponsors", None)
-    sponsor_subs = sponsors.add_subparsers(
-        dest="sponsors_command", metavar="COMMAND", required=True
-    )
-    p = _command(sponsor_subs, "list", "the Run's sponsors and what they pay", cmd_sponsors_list)
-    _run_arg(p)
-    for action in ("add", "remove"):
-        p = _command(sponsor_subs, action, f"{action} a sponsor owner", cmd_sponsors_edit)
-        _run_arg(p)
-        p.add_argument("owner", metavar="OWNER", help="sponsor owner, e.g. lab:vision")
-
-    p = _command(subs, "shrink", "lower a malleable Run's desired width", cmd_shrink)
-    _run_arg(p)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--by", type=int, metavar="N", help="shrink by N GPUs")
-    how.add_argument("--to", type=int, metavar="N", help="shrink to N GPUs")
-
-    p = _command(subs, "leases", "the Run's leases, open and closed", cmd_leases)
-    _run_arg(p)
-
-    p = _command(subs, "pods", "the Run's pods", cmd_pods)
-    _run_arg(p)
-
-    p = _command(subs, "completions", "print a shell completion script", cmd_completions)
-    p.add_argument("shell", choices=completion.SHELLS, help="shell")
-    return parser
 
 
 # ---------------------------------------------------------------------------- context
@@ -198,19 +77,28 @@ class Context:
     explicit_namespace: bool
     all_namespaces: bool
     output: str
+    """The ``-o`` kind: table, wide, json, yaml, name, jsonpath or custom-columns."""
     width: int
+    """Columns a table may use; unlimited (no ``…``) when stdout is not a terminal."""
+    template: str = ""
+    no_headers: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds each API request may take (``--request-timeout``)."""
+    environ: Mapping[str, str] = field(default_factory=dict)
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     _api: ApiClient | None = None
 
     async def api(self) -> ApiClient:
         if self._api is None:
-            if self.kubeconfig and not Path(self.kubeconfig).expanduser().is_file():
-                raise CliError(f"kubeconfig {self.kubeconfig} does not exist")
             try:
-                self._api = await make_client(self.kubeconfig, self.context)
+                path = client_kubeconfig(self.kubeconfig, self.environ)
+            except ConfigError as exc:
+                raise CliError(str(exc)) from exc
+            try:
+                self._api = await make_client(path, self.context, in_cluster=path is None)
             except Exception as exc:
-                raise CliError(f"cannot load kubeconfig: {exc}") from exc
+                raise CliError(f"cannot load kubeconfig {path or '(in-cluster)'}: {exc}") from exc
         return self._api
 
     async def close(self) -> None:
@@ -220,27 +108,108 @@ class Context:
     def now(self) -> datetime:
         return datetime.now(UTC)
 
-    def emit(self, record: Any, table: Callable[[], str]) -> None:
-        """Print ``record`` in the chosen format (``table`` renders it for people)."""
-        text = table() if self.output == "table" else render.dump(record, self.output)
-        print(text, file=self.out, flush=True)
+    def emit(
+        self,
+        record: Any,
+        table: Callable[[], str],
+        *,
+        wide: Callable[[], str] | None = None,
+        names: Callable[[], list[str]] | None = None,
+        headed: bool = False,
+    ) -> None:
+        """Print ``record`` in the chosen format.
+
+        ``table`` (and ``wide``, else ``table``) render it for people; ``headed`` says their
+        first line is a column header (``--no-headers`` drops it); ``names`` gives the
+        ``resource/name`` lines of ``-o name`` (default: ``runs…/<run>`` of the record).
+        """
+        if self.output in ("table", "wide"):
+            text = (wide or table)() if self.output == "wide" else table()
+            if headed and self.no_headers:
+                text = "\n".join(text.splitlines()[1:])
+        elif self.output == "name":
+            text = "\n".join(names() if names is not None else default_names(record))
+        elif self.output == "jsonpath":
+            text = self._checked(lambda: output.jsonpath(self.template, record))
+        elif self.output == "custom-columns":
+            rows = record if isinstance(record, list) else [record]
+            headers, body = self._checked(lambda: output.custom_columns(self.template, rows))
+            text = render.table(headers, body, width=self.width)
+            if self.no_headers:
+                text = "\n".join(text.splitlines()[1:])
+        else:
+            text = render.dump(record, self.output)
+        if text:  # kubectl ends a JSONPath result with no newline of its own
+            end = "" if self.output == "jsonpath" else "\n"
+            print(text, file=self.out, end=end, flush=True)
+
+    @staticmethod
+    def _checked(make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except output.OutputError as exc:
+            raise CliError(f"-o: {exc}") from exc
 
     def note(self, message: str) -> None:
         print(message, file=self.err, flush=True)
 
 
+def default_names(record: Any) -> list[str]:
+    """``-o name`` of a record that names Runs (``run``) or of rows with ``name``."""
+    rows = record if isinstance(record, list) else [record]
+    out = []
+    for row in rows:
+        if isinstance(row, Mapping) and (row.get("run") or row.get("name")):
+            name = str(row.get("run") or row.get("name")).rpartition("/")[2]
+            out.append(f"{row.get('resource') or 'runs.rq.davidlangworthy.io'}/{name}")
+    return out
+
+
+def request_timeout(text: str) -> float:
+    """``--request-timeout``: ``0`` (the default limit), seconds, or ``1s``/``2m``/``1h``."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip()
+    scale = units.get(raw[-1:], 1) if raw else 1
+    number = raw[:-1] if raw[-1:] in units else raw
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CliError(f"--request-timeout {text!r}: a duration like 30s, 2m or 1h (0: default)")
+    return value or DEFAULT_TIMEOUT
+
+
+def table_width(environ: Mapping[str, str], terminal: bool) -> int:
+    """The terminal's width (at least 80); unlimited when stdout is not a terminal, like
+    kubectl, unless ``COLUMNS`` asks for a width."""
+    asked = environ.get("COLUMNS", "")
+    if asked.isdigit() and int(asked) > 0:
+        return max(80, int(asked))
+    if not terminal:
+        return UNLIMITED
+    return max(80, shutil.get_terminal_size((120, 24)).columns)
+
+
 def make_context(args: argparse.Namespace, environ: Mapping[str, str]) -> Context:
     explicit = getattr(args, "namespace", None)
     namespace = explicit or default_namespace(args.kubeconfig, args.context, environ)
-    columns = shutil.get_terminal_size((120, 24)).columns
+    try:
+        chosen = output.Output.parse(args.output)
+    except output.OutputError as exc:
+        raise CliError(str(exc)) from exc
     return Context(
         kubeconfig=args.kubeconfig,
         context=args.context,
         namespace=namespace,
         explicit_namespace=bool(explicit),
         all_namespaces=bool(args.all_namespaces),
-        output=args.output,
-        width=max(80, columns),
+        output=chosen.kind,
+        template=chosen.template,
+        no_headers=bool(args.no_headers),
+        timeout=request_timeout(args.request_timeout),
+        width=table_width(environ, sys.stdout.isatty()),
+        environ=environ,
     )
 
 
@@ -250,7 +219,7 @@ def make_context(args: argparse.Namespace, environ: Mapping[str, str]) -> Contex
 def explain_error(exc: KubeError, what: str) -> str:
     """One line for a failed API call about ``what``."""
     if exc.status == 0:
-        return f"cannot reach the API server: {exc.message}"
+        return unreachable(exc)
     if exc.status == 404 and "could not find the requested resource" in exc.message:
         return f"{what}: the server does not serve it (are the Jobtree CRDs installed?)"
     if exc.status == 404:
@@ -260,6 +229,41 @@ def explain_error(exc: KubeError, what: str) -> str:
     return f"{what}: {exc.reason or exc.status}: {exc.message}".rstrip(": ")
 
 
+def unreachable(exc: KubeError) -> str:
+    """kubectl's words for a server that was not reached (not the client library's repr)."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        where = f"{cause.host}:{cause.port}"
+        if isinstance(cause.os_error, ConnectionRefusedError):
+            return (
+                f"The connection to the server {where} was refused - "
+                "did you specify the right host or port?"
+            )
+        reason = cause.os_error.strerror or type(cause.os_error).__name__
+        return f"Unable to connect to the server {where}: {reason}"
+    if isinstance(cause, TimeoutError | aiohttp.ServerTimeoutError):
+        return "Unable to connect to the server: the request timed out (see --request-timeout)"
+    if cause is not None:
+        return f"Unable to connect to the server: {type(cause).__name__}: {cause}"
+    return f"Unable to connect to the server: {exc.message}"
+
+
+async def _get_retrying(
+    api: ApiClient, path: str, query: list[tuple[str, str | int]], timeout: float
+) -> dict[str, Any]:
+    """A GET that waits out 429 Too Many Requests (a CRD just established, a busy server) a
+    few times, as kubectl's client does."""
+    attempt = 0
+    while True:
+        try:
+            return await request(api, "GET", path, query=query, timeout=timeout)
+        except KubeError as exc:
+            attempt += 1
+            if exc.status != 429 or attempt >= RETRIES:
+                raise
+            await asyncio.sleep(attempt)
+
+
 async def list_objects(
     api: ApiClient,
     resource: Resource,
@@ -267,6 +271,7 @@ async def list_objects(
     namespace: str | None = None,
     label_selector: str | None = None,
     field_selector: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> list[dict[str, Any]]:
     """Every object of a (paged) list."""
     items: list[dict[str, Any]] = []
@@ -279,7 +284,7 @@ async def list_objects(
             query.append(("fieldSelector", field_selector))
         if token:
             query.append(("continue", token))
-        page = await request(api, "GET", resource.path(namespace), query=query)
+        page = await _get_retrying(api, resource.path(namespace), query, timeout)
         items += [i for i in page.get("items") or () if isinstance(i, dict)]
         token = (page.get("metadata") or {}).get("continue") or None
         if token is None:
@@ -288,7 +293,7 @@ async def list_objects(
 
 async def _list(ctx: Context, resource: Resource, what: str, **kwargs: Any) -> list[dict[str, Any]]:
     try:
-        return await list_objects(await ctx.api(), resource, **kwargs)
+        return await list_objects(await ctx.api(), resource, timeout=ctx.timeout, **kwargs)
     except KubeError as exc:
         raise CliError(explain_error(exc, what)) from exc
 
@@ -296,7 +301,7 @@ async def _list(ctx: Context, resource: Resource, what: str, **kwargs: Any) -> l
 async def _list_optional(ctx: Context, resource: Resource, **kwargs: Any) -> list[dict[str, Any]]:
     """A list a view can do without (forbidden or absent → empty)."""
     try:
-        return await list_objects(await ctx.api(), resource, **kwargs)
+        return await list_objects(await ctx.api(), resource, timeout=ctx.timeout, **kwargs)
     except KubeError as exc:
         if exc.status in (401, 403, 404):
             return []
@@ -307,7 +312,8 @@ async def get_object(
     ctx: Context, resource: Resource, name: str, namespace: str | None
 ) -> dict[str, Any] | None:
     try:
-        return await request(await ctx.api(), "GET", resource.path(namespace, name))
+        path = resource.path(namespace, name)
+        return await request(await ctx.api(), "GET", path, timeout=ctx.timeout)
     except KubeError as exc:
         if exc.status == 404 and "could not find the requested resource" not in exc.message:
             return None
@@ -316,7 +322,11 @@ async def get_object(
 
 
 def run_ref(ctx: Context, text: str) -> tuple[str | None, str]:
-    """(namespace or None for "any namespace", name) of a RUN argument."""
+    """(namespace or None for "any namespace", name) of a RUN argument.
+
+    ``-o name``'s ``runs.rq.davidlangworthy.io/NAME`` is accepted too (namespaces have no dots).
+    """
+    text = text.removeprefix(f"{RUNS.plural}.{RUNS.group}/")
     try:
         if "/" in text:
             return views.split_run_ref(text, ctx.namespace)
@@ -343,6 +353,27 @@ async def find_run(ctx: Context, text: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- submit
+
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def manifest_paths(paths: Sequence[str], recursive: bool) -> list[str]:
+    """``-f`` arguments with each directory replaced by its ``.yaml``/``.yml``/``.json`` files
+    (sorted; ``-R`` also those of its subdirectories), like kubectl's ``-f DIR``."""
+    out: list[str] = []
+    for path in paths:
+        folder = Path(path)
+        if path == "-" or not folder.is_dir():
+            out.append(path)
+            continue
+        found = folder.rglob("*") if recursive else folder.glob("*")
+        files = sorted(str(f) for f in found if f.is_file() and f.suffix in MANIFEST_SUFFIXES)
+        if not files:
+            more = "" if recursive else " (-R looks in its subdirectories)"
+            raise CliError(f"{path}: no .yaml, .yml or .json files in the directory{more}")
+        out += files
+    return out
 
 
 def read_documents(paths: Sequence[str], stdin: TextIO) -> list[tuple[str, int, Any]]:
@@ -382,7 +413,7 @@ def _describe(doc: Any) -> str:
 
 async def cmd_submit(ctx: Context, args: argparse.Namespace) -> int:
     """Validate every document with the API models, then server-side apply each."""
-    docs = read_documents(args.filename, sys.stdin)
+    docs = read_documents(manifest_paths(args.filename, args.recursive), sys.stdin)
     problems = []
     for source, number, doc in docs:
         try:
@@ -398,11 +429,33 @@ async def cmd_submit(ctx: Context, args: argparse.Namespace) -> int:
             ctx.note(f"error: {line}")
         raise CliError(problems[-1])
     results = []
+    if args.dry_run == "client":
+        results = [_client_dry_run(ctx, doc) for _, _, doc in docs]
+        ctx.emit(results, lambda: render.submitted(results), names=lambda: _names(results))
+        return 0
     api = await ctx.api()
     for _, _, doc in docs:
         results.append(await _apply_one(ctx, api, doc, args))
-    ctx.emit(results, lambda: render.submitted(results))
+    ctx.emit(results, lambda: render.submitted(results), names=lambda: _names(results))
     return 0
+
+
+def _names(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"{r['resource']}/{r['name']}" for r in results]
+
+
+def _client_dry_run(ctx: Context, doc: dict[str, Any]) -> dict[str, Any]:
+    """``--dry-run=client``: validated by the API models only; the server is not contacted."""
+    resource = KINDS[doc["kind"]]
+    metadata = doc.get("metadata") or {}
+    namespace = (metadata.get("namespace") or ctx.namespace) if resource.namespaced else None
+    return {
+        "resource": f"{resource.plural}.{resource.group}",
+        "kind": doc["kind"],
+        "name": metadata.get("name"),
+        "namespace": namespace,
+        "result": "valid (client dry run: not sent to the server)",
+    }
 
 
 async def _apply_one(
@@ -424,7 +477,7 @@ async def _apply_one(
         body["metadata"].pop("namespace", None)
     label = f"{resource.plural}.{resource.group}/{name}"
     try:
-        before = await request(api, "GET", resource.path(namespace, name))
+        before = await request(api, "GET", resource.path(namespace, name), timeout=ctx.timeout)
     except KubeError as exc:
         if exc.status != 404 or "could not find the requested resource" in exc.message:
             raise CliError(explain_error(exc, label)) from exc
@@ -432,7 +485,7 @@ async def _apply_one(
     query: list[tuple[str, str | int]] = [("fieldManager", FIELD_MANAGER)]
     if args.force_conflicts:
         query.append(("force", "true"))
-    if args.dry_run:
+    if args.dry_run == "server":
         query.append(("dryRun", "All"))
     try:
         after = await request(
@@ -442,6 +495,7 @@ async def _apply_one(
             query=query,
             body=body,
             content_type=APPLY_PATCH,
+            timeout=ctx.timeout,
         )
     except KubeError as exc:
         message = explain_error(exc, label)
@@ -456,7 +510,7 @@ async def _apply_one(
         old_version = (before.get("metadata") or {}).get("resourceVersion")
         same = old_version == (after.get("metadata") or {}).get("resourceVersion")
         result = "unchanged" if same else "configured"
-    if args.dry_run:
+    if args.dry_run == "server":
         result += " (server dry run)"
     return {
         "resource": f"{resource.plural}.{resource.group}",
@@ -551,6 +605,7 @@ async def _patch_run(
                 RUNS.path(namespace, name),
                 body=edit.patch,
                 content_type=MERGE_PATCH,
+                timeout=ctx.timeout,
             )
         except KubeError as exc:
             if exc.status == 409 and attempt + 1 < RETRIES:
@@ -632,7 +687,8 @@ async def cmd_leases(ctx: Context, args: argparse.Namespace) -> int:
         and (namespace is None or views.lease_run_key(lease)[0] == namespace)
     ]
     rows = views.lease_rows(leases, ctx.now())
-    ctx.emit(rows, lambda: render.leases(rows, ctx.width))
+    names = [f"leases.rq.davidlangworthy.io/{r['name']}" for r in rows]
+    ctx.emit(rows, lambda: render.leases(rows, ctx.width), names=lambda: names, headed=bool(rows))
     return 0
 
 
@@ -642,7 +698,8 @@ async def cmd_pods(ctx: Context, args: argparse.Namespace) -> int:
         ctx, PODS, "pods", namespace=namespace, label_selector=views.pod_selector(("", name))
     )
     rows = views.pod_rows(pods, ctx.now())
-    ctx.emit(rows, lambda: render.pods(rows, ctx.width))
+    names = [f"pod/{r['name']}" for r in rows]
+    ctx.emit(rows, lambda: render.pods(rows, ctx.width), names=lambda: names, headed=bool(rows))
     return 0
 
 
@@ -692,12 +749,12 @@ async def cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
         for record in snapshot:
             _print_event(ctx, record)
         if views.is_terminal(current):
-            return 0
+            return watch_exit(current, deleted=False)
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 ctx.note(f"watch: stopped after {args.timeout:g}s (timeout)")
-                return 0
+                return EXIT_WATCH_TIMEOUT
             try:
                 kind, event, obj, old = await asyncio.wait_for(queue.get(), remaining)
             except TimeoutError:
@@ -717,11 +774,19 @@ async def cmd_watch(ctx: Context, args: argparse.Namespace) -> int:
             for record in records:
                 _print_event(ctx, record)
             if kind == "run" and (deleted or views.is_terminal(obj)):
-                return 0
+                return watch_exit(obj, deleted=deleted)
     finally:
         for informer in informers.values():
             informer.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def watch_exit(run: Mapping[str, Any], *, deleted: bool) -> int:
+    """``watch``'s exit status once the Run is done: 0 Completed, 3 Failed, 4 deleted."""
+    if deleted:
+        return EXIT_WATCH_DELETED
+    phase = (run.get("status") or {}).get("phase")
+    return EXIT_WATCH_FAILED if phase == "Failed" else 0
 
 
 def _print_event(ctx: Context, record: Mapping[str, Any]) -> None:
@@ -729,6 +794,8 @@ def _print_event(ctx: Context, record: Mapping[str, Any]) -> None:
         text = json.dumps(record, ensure_ascii=False)
     elif ctx.output == "yaml":
         text = "---\n" + render.dump(dict(record), "yaml")
+    elif ctx.output == "jsonpath":
+        text = Context._checked(lambda: output.jsonpath(ctx.template, dict(record)))
     else:
         text = render.event(record)
     print(text, file=ctx.out, flush=True)
@@ -746,18 +813,8 @@ async def cmd_completions(ctx: Context, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- entry
 
 
-def complete_protocol(args: Sequence[str], out: TextIO) -> int:
-    """kubectl's plugin completion protocol: candidates, then ``:<directive>``."""
-    tree = completion.command_tree(build_parser())
-    candidates, directive = completion.complete(tree, list(args) or [""])
-    for candidate in candidates:
-        print(candidate, file=out)
-    print(f":{directive}", file=out)
-    return 0
-
-
 async def dispatch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    handler: Handler = args.handler
+    handler: Handler = handler_of(args.handler)
     offline = handler is cmd_completions
     ctx = make_context_offline(args) if offline else make_context(args, environ)
     try:
@@ -779,13 +836,11 @@ def make_context_offline(args: argparse.Namespace) -> Context:
     )
 
 
-def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
-    """Parse ``argv`` and run the command; the process exit status."""
-    if argv and argv[0] == "__complete":
-        return complete_protocol(argv[1:], sys.stdout)
-    args = build_parser().parse_args(list(argv))
+def execute(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Run the parsed command; the process exit status."""
+    logging.basicConfig(level=logging.CRITICAL, format="%(message)s")  # libraries stay quiet
     try:
-        return asyncio.run(dispatch(args, os.environ if environ is None else environ))
+        return asyncio.run(dispatch(args, environ))
     except CliError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.code

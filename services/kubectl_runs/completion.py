@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROG = "kubectl-runs"
 SHELLS = ("bash", "zsh", "fish")
 FILE_METAVAR = "FILE"
 RUN_METAVAR = "RUN"
+NAMESPACE_METAVAR = "NAMESPACE"
+CONTEXT_METAVAR = "CONTEXT"
+DYNAMIC = {RUN_METAVAR: "runs", NAMESPACE_METAVAR: "namespaces", CONTEXT_METAVAR: "contexts"}
+"""What ``__complete`` asks the cluster for, by the metavar of the word being completed."""
+CONNECTION_FLAGS = ("--kubeconfig", "--context", "-n", "--namespace")
 RUN_NAMES_CMD = "kubectl get runs.rq.davidlangworthy.io -o 'jsonpath={.items[*].metadata.name}'"
 """How the scripts list Run names for a ``RUN`` argument (current kubeconfig and namespace)."""
 DIRECTIVE_DEFAULT = 0
@@ -23,17 +28,16 @@ DIRECTIVE_NO_FILES = 4
 """Cobra's ShellCompDirective values, as kubectl expects them from a completion plugin."""
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(NamedTuple):
     flags: tuple[str, ...]
     takes_value: bool
     choices: tuple[str, ...]
     files: bool
     help: str
+    metavar: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     """One node of the command tree: ``path`` () is the root."""
 
     path: tuple[str, ...]
@@ -44,6 +48,8 @@ class Command:
     positional_choices: tuple[str, ...]
     runs: bool
     """Takes a Run name as its first positional."""
+    many: bool = False
+    """That positional takes several words (``cancel RUN…``)."""
 
     @property
     def key(self) -> str:
@@ -66,7 +72,7 @@ def command_tree(parser: argparse.ArgumentParser) -> tuple[Command, ...]:
     def walk(p: argparse.ArgumentParser, path: tuple[str, ...], help_text: str) -> None:
         options: list[Option] = []
         choices: list[str] = []
-        runs = False
+        runs = many = False
         positionals = [a for a in p._actions if not a.option_strings]
         for action in p._actions:
             if isinstance(action, argparse._HelpAction) or not action.option_strings:
@@ -78,6 +84,7 @@ def command_tree(parser: argparse.ArgumentParser) -> tuple[Command, ...]:
                     choices=tuple(str(c) for c in action.choices or ()),
                     files=action.metavar == FILE_METAVAR,
                     help=(action.help or "").replace("%(default)s", str(action.default)),
+                    metavar=action.metavar if isinstance(action.metavar, str) else None,
                 )
             )
         sub = _subparsers(p)
@@ -91,6 +98,7 @@ def command_tree(parser: argparse.ArgumentParser) -> tuple[Command, ...]:
         if first is not None:
             choices = [str(c) for c in first.choices or ()]
             runs = first.metavar == RUN_METAVAR
+            many = first.nargs in ("*", "+")
         out.append(
             Command(
                 path=path,
@@ -99,6 +107,7 @@ def command_tree(parser: argparse.ArgumentParser) -> tuple[Command, ...]:
                 subcommands=tuple((name, text) for name, text, _ in children),
                 positional_choices=tuple(choices),
                 runs=runs,
+                many=many,
             )
         )
         for name, text, child in children:
@@ -133,6 +142,38 @@ def _path_of(tree: Sequence[Command], words: Sequence[str]) -> tuple[tuple[str, 
         else:
             positional = True
     return path, positional
+
+
+def dynamic(tree: Sequence[Command], args: Sequence[str]) -> str | None:
+    """``runs``, ``namespaces`` or ``contexts`` when the word being typed (the last of
+    ``args``) names one of them, else None: those candidates come from the cluster."""
+    words, current = list(args[:-1]), args[-1] if args else ""
+    if current.startswith("-"):
+        return None
+    command = {c.path: c for c in tree}[_path_of(tree, words)[0]]
+    if words:
+        for option in command.options:
+            if words[-1] in option.flags and option.takes_value:
+                return DYNAMIC.get(option.metavar or "")
+    positional = _path_of(tree, words)[1]
+    if command.runs and not command.subcommands and (command.many or not positional):
+        return "runs"
+    return None
+
+
+def connection_flags(tree: Sequence[Command], words: Sequence[str]) -> list[str]:
+    """The ``--kubeconfig``/``--context``/``-n`` flags (``--flag=value`` form) already typed,
+    so names are looked up where the completed command will run."""
+    out: list[str] = []
+    for i, word in enumerate(words):
+        name, eq, value = word.partition("=")
+        if name in CONNECTION_FLAGS and eq:
+            out.append(f"{name}={value}")
+        elif word in CONNECTION_FLAGS and i + 1 < len(words):
+            out.append(f"{word}={words[i + 1]}")
+        elif word in ("-A", "--all-namespaces"):
+            out.append("--all-namespaces")
+    return out
 
 
 def complete(tree: Sequence[Command], args: Sequence[str]) -> tuple[list[str], int]:

@@ -1,8 +1,10 @@
-"""Which namespace a command means, the way kubectl decides it.
+"""Which cluster and namespace a command means, the way kubectl decides them.
 
-``-n`` wins; otherwise the namespace of the kubeconfig context in use (``--context``, else the
-``current-context`` of the first kubeconfig file that sets one); in a pod without a kubeconfig,
-the service account's namespace; else ``default``. ``KUBECONFIG`` may list several files.
+The connection: ``--kubeconfig``, else the files of ``$KUBECONFIG`` that exist, else
+``~/.kube/config`` when it exists; only without any of them, in a pod, the service account
+(in-cluster). The namespace follows the same source: ``-n`` wins; otherwise the namespace of the
+kubeconfig context in use (``--context``, else the ``current-context`` of the first kubeconfig
+file that sets one); in-cluster, the service account's namespace; else ``default``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,33 @@ def kubeconfig_paths(explicit: str | None, environ: Mapping[str, str]) -> list[P
     if listed:
         return [Path(p).expanduser() for p in listed]
     return [Path.home() / ".kube" / "config"]
+
+
+class ConfigError(Exception):
+    """No usable connection configuration (kubectl's wording where it has one)."""
+
+
+def client_kubeconfig(explicit: str | None, environ: Mapping[str, str]) -> str | None:
+    """The kubeconfig the client loads (paths joined for a merge), or None for in-cluster.
+
+    A kubeconfig file wins over the service account, for the client as for the namespace.
+    """
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"stat {explicit}: no such file or directory")
+        return str(path)
+    found = [p for p in kubeconfig_paths(None, environ) if p.is_file()]
+    if found:
+        return os.pathsep.join(str(p) for p in found)
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    listed = environ.get("KUBECONFIG")
+    where = f"$KUBECONFIG ({listed})" if listed else "~/.kube/config"
+    raise ConfigError(
+        f"no configuration has been provided: {where} does not exist and this is not a pod "
+        "with a service account; set KUBECONFIG or pass --kubeconfig"
+    )
 
 
 def context_namespace(configs: Sequence[Mapping[str, Any]], context: str | None) -> str | None:

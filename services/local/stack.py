@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -96,10 +97,15 @@ def running_state(workdir: Path) -> dict[str, Any] | None:
 
 
 def env_lines(state: dict[str, Any]) -> list[str]:
-    """Shell lines that point kubectl (the real one we built) and NATS clients at an instance."""
+    """Shell lines that point kubectl (the real one we built) and NATS clients at an instance.
+
+    PATH gets the control-plane binaries (kubectl) and this installation's scripts directory
+    (the venv's ``bin/``: ``kubectl-runs``, so ``kubectl runs`` works, and ``jobtree-local``).
+    """
+    dirs = [d for d in (state.get("binDir"), state.get("scriptsDir")) if d]
     return [
         f"export KUBECONFIG={state['kubeconfig']}",
-        f'export PATH={state["binDir"]}:"$PATH"',
+        f'export PATH={":".join(dict.fromkeys(dirs))}:"$PATH"',
         f"export JOBTREE_NATS_URL={state['natsUrl']}",
     ]
 
@@ -325,6 +331,7 @@ class LocalStack:
             "kubeconfig": str(self.kubeconfig),
             "natsUrl": self.nats.url if self.nats is not None else None,
             "binDir": str(self.bin_dir) if self.bin_dir is not None else None,
+            "scriptsDir": sysconfig.get_path("scripts"),
             "logs": str(self.logs),
             "nodesPerDomain": self.nodes_per_domain,
             "processes": self.processes(),
@@ -388,7 +395,8 @@ class LocalStack:
             "",
             "In another shell:",
             *(f"  {line}" for line in env_lines(state)),
-            f'  # or: eval "$(jobtree-local env --workdir {self.workdir})"',
+            f'  # or: eval "$({Path(sysconfig.get_path("scripts")) / "jobtree-local"} env'
+            f' --workdir {self.workdir})"',
             "",
             "Then, from the repository root, the administrator guide's steps:",
             f"  cd {REPO}",

@@ -48,15 +48,18 @@ class KubeError(Exception):
         return cls(status, "", raw.decode(errors="replace")[:2000])
 
 
-async def make_client(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
+async def make_client(
+    kubeconfig: str | None = None, context: str | None = None, *, in_cluster: bool = False
+) -> ApiClient:
     """An ApiClient for ``kubeconfig`` (else ``$KUBECONFIG``), else in-cluster, else ~/.kube.
 
+    ``in_cluster`` forces the service account (a caller that already chose, like the CLI).
     ``insecure-skip-tls-verify`` in the kubeconfig is honoured by the loader (the local test
     control plane uses a self-signed serving certificate).
     """
     cfg = k8s.Configuration()
     path = kubeconfig or os.environ.get("KUBECONFIG")
-    if not path and os.environ.get(_IN_CLUSTER_ENV):
+    if in_cluster or (not path and os.environ.get(_IN_CLUSTER_ENV)):
         k8s_config.load_incluster_config(client_configuration=cfg)
     else:
         path = path or str(Path.home() / ".kube" / "config")

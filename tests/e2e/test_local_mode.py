@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from services.local.stack import SEED_STEPS, LocalStack, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 READY_LINE = "jobtree-local: ready"
+FRESH_PATH = "/usr/local/bin:/usr/bin:/bin"
 STARTUP_TIMEOUT = 900.0  # the first run on a machine may build the control-plane binaries
 
 
@@ -89,17 +91,20 @@ class LocalMode:
         return data
 
     def shell_env(self) -> dict[str, str]:
-        """The environment after running the printed ``export`` lines."""
-        env = dict(os.environ)
-        for line in self.lines:
-            line = line.strip()
-            if line.startswith("export KUBECONFIG="):
-                env["KUBECONFIG"] = line.split("=", 1)[1]
-            elif line.startswith("export PATH="):
-                env["PATH"] = line.split("=", 1)[1].split(":", 1)[0] + os.pathsep + env["PATH"]
-            elif line.startswith("export JOBTREE_NATS_URL="):
-                env["JOBTREE_NATS_URL"] = line.split("=", 1)[1]
-        return env
+        """The environment of a fresh second shell (system PATH only: no venv, no kubectl)
+        after running the printed ``export`` lines in a real bash."""
+        exports = [ln.strip() for ln in self.lines if ln.strip().startswith("export ")]
+        base = {"HOME": os.environ.get("HOME", "/root"), "PATH": FRESH_PATH}
+        if "PYTHONPATH" in os.environ:  # the checkout under test, when it is not the installed one
+            base["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        done = subprocess.run(
+            ["bash", "-c", "\n".join([*exports, "env -0"])],
+            env=base,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item)
 
     def sh(self, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a printed command line (``kubectl …``) from the repository root."""
@@ -162,6 +167,11 @@ def test_up_prints_how_to_use_it(local: LocalMode) -> None:
 
 
 def test_printed_path_gives_the_real_kubectl_and_the_seed_fleet(local: LocalMode) -> None:
+    env = local.shell_env()
+    assert shutil.which("kubectl-runs", path=env["PATH"]) is not None, env["PATH"]
+    plugin = local.sh("kubectl runs version -o json")  # the plugin found through the PATH
+    assert plugin.returncode == 0, plugin.stderr
+    assert json.loads(plugin.stdout)["api"] == ["rq.davidlangworthy.io/v1"]
     version = local.sh("kubectl version -o json")
     assert version.returncode == 0, version.stderr
     assert json.loads(version.stdout)["serverVersion"]["gitVersion"].startswith("v1.")

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from services.kubectl_runs import completion, render
-from services.kubectl_runs.commands import build_parser
+from services.kubectl_runs import completion, output, render
+from services.kubectl_runs.cli import build_parser
 from services.kubectl_runs.config import context_namespace
 from shared.cli import views
 from shared.engine import lottery
@@ -595,6 +595,11 @@ def test_the_command_tree_is_the_parsers() -> None:
         "leases",
         "pods",
         "completions",
+        "list",
+        "cancel",
+        "logs",
+        "owners",
+        "version",
     }
     assert {name for name, _ in commands["sponsors"].subcommands} == {"list", "add", "remove"}
     assert commands["completions"].positional_choices == ("bash", "zsh", "fish")
@@ -612,14 +617,14 @@ def test_every_script_names_every_command_and_option(shell: str) -> None:
         for option in command.options:
             for flag in option.flags:
                 assert flag.lstrip("-") in text
-    assert "table json yaml" in text
+    assert "table wide json yaml name jsonpath= custom-columns=" in text
 
 
 def test_the_plugin_completion_protocol() -> None:
     t = tree()
     assert completion.complete(t, ["sp"]) == (["sponsors"], completion.DIRECTIVE_NO_FILES)
     assert completion.complete(t, ["sponsors", ""])[0] == ["list", "add", "remove"]
-    assert completion.complete(t, ["plan", "-o", ""])[0] == ["table", "json", "yaml"]
+    assert completion.complete(t, ["plan", "-o", ""])[0] == list(output.FORMATS)
     assert completion.complete(t, ["submit", "-f", ""]) == ([], completion.DIRECTIVE_DEFAULT)
     assert "--owner" in completion.complete(t, ["-n", "x", "budgets", "usage", "--o"])[0]
     assert completion.complete(t, ["completions", "z"])[0] == ["zsh"]
@@ -644,7 +649,7 @@ def test_the_bash_script_completes_in_a_real_bash() -> None:
     assert _bash_complete(script, ["kubectl-runs", "bu"]) == ["budgets"]
     assert _bash_complete(script, ["kubectl-runs", "budgets", ""]) == ["usage"]
     assert "--owner" in _bash_complete(script, ["kubectl-runs", "budgets", "usage", "--o"])
-    assert _bash_complete(script, ["kubectl-runs", "-n", "team", "plan", "-o", "j"]) == ["json"]
+    assert _bash_complete(script, ["kubectl-runs", "-n", "team", "plan", "-o", "y"]) == ["yaml"]
     assert _bash_complete(script, ["kubectl-runs", "completions", "f"]) == ["fish"]
 
 
