@@ -12,6 +12,7 @@ from datetime import timedelta
 from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
+from shared.control import pod_policy
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube.translate import HOLD_IMAGE
 
@@ -65,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         default=float(env_value("JOBTREE_LEADER_LEASE_SECONDS", "15")),
         help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
     )
+    pod_policy.add_arguments(parser)
     ns, cfg = parse_service_args("binder", parser, argv)
+    try:
+        policy = pod_policy.from_arguments(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
     return cfg, BinderOptions(
         gpu_resource=ns.gpu_resource,
         hold_image=ns.hold_image,
@@ -75,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         leader_elect=ns.leader_elect,
         leader_namespace=ns.leader_namespace,
         leader_lease_seconds=ns.leader_lease_seconds,
+        pod_policy=policy,
     )
 
 
