@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-import yaml
 from kubernetes_asyncio.client import ApiClient
 
 from services.kubectl_runs import completion, render
 from services.kubectl_runs.config import default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
+from shared.cli.documents import MAX_INPUT_BYTES, DocumentError, parse_documents
 from shared.kube.client import APPLY_PATCH, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
@@ -351,13 +351,19 @@ def read_documents(paths: Sequence[str], stdin: TextIO) -> list[tuple[str, int, 
     for path in paths:
         source = "stdin" if path == "-" else path
         try:
-            text = stdin.read() if path == "-" else Path(path).read_text()
+            if path == "-":
+                text = stdin.read(MAX_INPUT_BYTES + 1)
+            else:
+                with Path(path).open(encoding="utf-8") as handle:
+                    text = handle.read(MAX_INPUT_BYTES + 1)
         except OSError as exc:
             raise CliError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            raise CliError(f"{source}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
+            docs = parse_documents(text)
+        except DocumentError as exc:
+            raise CliError(f"{source}: {exc}") from exc
         number = 0
         for doc in docs:
             items = (
