@@ -204,7 +204,7 @@ def violations(template: Any, config: PodPolicyConfig) -> tuple[PodPolicyViolati
             PodPolicyViolation(
                 TEMPLATE,
                 f"is {size} bytes, more than the limit of {config.max_template_bytes} bytes "
-                "(max template bytes)",
+                "(--max-template-bytes)",
             )
         )
     at = f"{TEMPLATE}.spec"

@@ -1,6 +1,7 @@
 """Attack: a tenant's Run whose pod template asks for the node — privileged containers, the host's
 filesystem, its PID namespace, another workload's service account, GPUs the Lease does not pay for
-(an init container's). Each is refused with the field path named: by the webhook, by admission's
+(an init container's), or a template so large every rank's pod costs the binder megabytes. Each
+is refused with the field path named: by the webhook, by admission's
 reconcile when the webhook is bypassed (Run Failed, reason PodPolicy), and by the binder when a
 commit for such a Run reaches it anyway; and no Lease or Pod is ever created for it.
 
@@ -16,6 +17,7 @@ import msgspec
 import pytest
 
 from shared.bus import COMMIT, CommitReply
+from shared.control.pod_policy import template_bytes
 from shared.engine.model import LeaseReason
 from tests.security.conftest import (
     BUDGET,
@@ -42,6 +44,8 @@ def template(**spec: Any) -> dict[str, Any]:
     return {"spec": base}
 
 
+BIG = {"metadata": {"annotations": {"blob": "x" * 70_000}}, **template()}
+"""Costs the binder 70 kB per rank: a gang of 512 ranks would be 35 MB of pods."""
 ATTACKS: dict[str, tuple[dict[str, Any], str]] = {
     "privileged": (
         template(
@@ -71,6 +75,11 @@ ATTACKS: dict[str, tuple[dict[str, Any], str]] = {
             ]
         ),
         f"{S}.initContainers[0].resources.limits[nvidia.com/gpu] requests a device",
+    ),
+    "oversized": (
+        BIG,
+        f"spec.template is {template_bytes(BIG)} bytes, more than the limit of 65536 bytes "
+        "(--max-template-bytes)",
     ),
 }
 
