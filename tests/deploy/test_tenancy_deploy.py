@@ -5,6 +5,7 @@ Reservation role enforced by the real kube-apiserver."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def test_chart_pod_policy_values_reach_admission_and_binder(deploy_bin: Path) ->
          "--set", "podPolicy.allow={hostpath}"],
         check=False,
     )  # fmt: skip
-    assert bad.returncode != 0 and "podPolicy.allow" in bad.stderr
+    assert bad.returncode != 0 and "/podPolicy/allow/0" in bad.stderr, bad.stderr
 
 
 def test_chart_owners_policy_is_opt_in_and_the_prod_policy(
@@ -267,3 +268,21 @@ def test_only_the_reservation_role_creates_reservations(crds: ControlPlane) -> N
         assert can("team-leads", "get") == "no"
     finally:
         kube.kubectl("delete", "--ignore-not-found", "-f", "-", input=objects)
+
+
+def test_the_documented_kustomize_relaxation_reaches_both_services(
+    kube: ControlPlane, tmp_path: Path
+) -> None:
+    """docs/security.md's overlay patch, built with the real kubectl kustomize."""
+    page = (KUSTOMIZE.parents[1] / "docs" / "security.md").read_text()
+    start = page.index("# overlay kustomization.yaml")
+    snippet = page[start : page.index("```", start)]
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(KUSTOMIZE / "base", overlay)
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\n" + snippet)
+    docs = documents(kube.kubectl("kustomize", str(overlay)).stdout)
+    for service in ("admission", "binder"):
+        env = service_env(docs, service)
+        assert env["JOBTREE_POD_POLICY_ALLOW"] == "hostPath", service
+        assert env["JOBTREE_POD_POLICY_SERVICE_ACCOUNTS"] == "default", service

@@ -39,6 +39,11 @@ DIRECT = "sec-direct"
 """Authorised for ``sec:*``; no webhook: admission's reconcile and the binder must refuse."""
 DIRECT_BARE = "sec-direct-bare"
 """No owners annotation, no webhook."""
+RESTRICTED = "sec-restricted"
+"""Authorised for ``sec:*``, PodSecurity ``restricted`` enforced."""
+BASELINE = "sec-baseline"
+"""Authorised for ``sec:*``, PodSecurity ``baseline`` enforced."""
+NAMESPACES = (HOOKED, HOOKED_BARE, DIRECT, DIRECT_BARE, RESTRICTED, BASELINE)
 OWNERS = "rq.davidlangworthy.io/owners"
 WEBHOOK = "jobtree-security-test"
 
@@ -131,10 +136,14 @@ def secure(
         **{"fabric.domain": "sec-f", "gpu.flavor": h.FLAVOR},
     )
     h.apply(kube, h.budget_manifest(BUDGET, OWNER, REGION, 16))
-    for name in (HOOKED, HOOKED_BARE, DIRECT, DIRECT_BARE):
+    for name in NAMESPACES:
         ensure_namespace(kube, name)
-    for name in (HOOKED, DIRECT):
+    for name in (HOOKED, DIRECT, RESTRICTED, BASELINE):
         kube.kubectl("annotate", "--overwrite", "namespace", name, f"{OWNERS}=sec:*")
+    for name, level in ((RESTRICTED, "restricted"), (BASELINE, "baseline")):
+        kube.kubectl(
+            "label", "--overwrite", "namespace", name, f"pod-security.kubernetes.io/enforce={level}"
+        )
     cert, key = self_signed(["127.0.0.1"])
     (logs / "tls.crt").write_bytes(cert)
     (logs / "tls.key").write_bytes(key)
@@ -172,7 +181,7 @@ def secure(
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 h.kill(proc)
-        for ns in (HOOKED, HOOKED_BARE, DIRECT, DIRECT_BARE):
+        for ns in NAMESPACES:
             kube.kubectl("delete", h.RUNS, "--all", "-n", ns, "--wait=false", check=False)
             kube.kubectl(
                 "delete", "pods", "--all", "-n", ns, "--wait=false", "--force", check=False

@@ -11,6 +11,7 @@ attack Runs had nothing refused them.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -20,10 +21,12 @@ from shared.bus import COMMIT, CommitReply
 from shared.control.pod_policy import template_bytes
 from shared.engine.model import LeaseReason
 from tests.security.conftest import (
+    BASELINE,
     BUDGET,
     DIRECT,
     HOOKED,
     OWNER,
+    RESTRICTED,
     SecureStack,
     leases_of,
     pods_of,
@@ -163,3 +166,29 @@ async def test_the_binder_refuses_a_commit_for_such_a_run(secure: SecureStack) -
     assert reply.conflict == f"PodPolicy: {S}.containers[0].securityContext.privileged is true"
     assert refusal in (reply.conflict or "")
     assert_untouched(secure, DIRECT, name)
+
+
+def test_podsecurity_restricted_refuses_the_capacity_hold_whole(secure: SecureStack) -> None:
+    """docs/security.md: the hold pod (no template) passes ``baseline`` but not ``restricted``,
+    and the binder's dry run refuses such a bind whole: no Lease, no Pod."""
+    done = try_apply(secure, run_manifest(RESTRICTED, "hold", None))
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        status = h.get_json(secure.kube, h.RUNS, "-n", RESTRICTED, "hold").get("status") or {}
+        if "InvalidPod" in str(status.get("message")) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status.get("phase") == "Pending", status
+    assert (
+        "InvalidPod" in status["message"]
+        and 'violates PodSecurity "restricted' in status["message"]
+    )
+    assert_untouched(secure, RESTRICTED, "hold")
+
+
+def test_podsecurity_baseline_admits_the_capacity_hold(secure: SecureStack) -> None:
+    done = try_apply(secure, run_manifest(BASELINE, "hold", None))
+    assert done.returncode == 0, done.stderr
+    run_status(secure, BASELINE, "hold", "Running")
+    assert len(pods_of(secure, BASELINE, "hold")) == 1
