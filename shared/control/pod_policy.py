@@ -67,7 +67,7 @@ RUNTIME_DEFAULT_CAPABILITIES = frozenset(
 DEFAULT_SERVICE_ACCOUNTS: tuple[str, ...] = ("default",)
 DEFAULT_MAX_TEMPLATE_BYTES = 64 * 1024
 TEMPLATE = "spec.template"
-_CORE_RESOURCES = ("cpu", "memory", "ephemeral-storage", "storage", "pods")
+_CORE_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 _CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
@@ -101,15 +101,7 @@ class PodPolicyViolation:
     path: str
     problem: str
     rule: str | None = None
-    """The rule name that relaxes it (None for the service-account and capability lists)."""
-
-    @property
-    def reason(self) -> str:
-        return POD_POLICY
-
-    @property
-    def message(self) -> str:
-        return f"{POD_POLICY}: {self.path} {self.problem}"
+    """The rule name that relaxes it (None for the lists and the size limit)."""
 
 
 @dataclass(frozen=True, slots=True)
