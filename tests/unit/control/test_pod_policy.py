@@ -210,3 +210,33 @@ def test_no_flags_is_the_default_policy(monkeypatch: pytest.MonkeyPatch) -> None
     parser = argparse.ArgumentParser()
     pp.add_arguments(parser)
     assert pp.from_arguments(parser.parse_args([])) == PodPolicyConfig()
+
+
+def test_admission_and_binder_read_the_same_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.admission.config import parse_args as admission_args
+    from services.binder.__main__ import parse_args as binder_args
+
+    for name in ("JOBTREE_POD_POLICY_CAPABILITIES", "JOBTREE_DEFAULT_OWNER_GLOBS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JOBTREE_POD_POLICY_ALLOW", "hostPath")
+    monkeypatch.setenv("JOBTREE_POD_POLICY_SERVICE_ACCOUNTS", "default,train-*")
+    argv = ["--max-template-bytes", "4096"]
+    admission = admission_args(argv).pod_policy
+    _, binder = binder_args(argv)
+    assert (
+        admission
+        == binder.pod_policy
+        == policy_config(
+            allow=["hostPath"], service_accounts=["default", "train-*"], max_template_bytes=4096
+        )
+    )
+    assert admission_args([]).default_owner_globs == ()
+
+
+def test_an_unknown_rule_stops_the_service(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.admission.config import parse_args as admission_args
+
+    with pytest.raises(SystemExit) as stop:
+        admission_args(["--pod-policy-allow", "hostpath"])
+    assert stop.value.code == 2
+    assert "unknown pod policy rule(s) hostpath" in capsys.readouterr().err
