@@ -501,7 +501,8 @@ class AdmissionService:
 
     async def _namespace_annotations(self, namespace: str) -> Mapping[str, str] | None:
         """The Namespace's annotations (read through when the cache has not seen it yet); None
-        when it does not exist. A failed lookup raises ``KubeError``: the caller denies."""
+        when it does not exist (which authorises nobody). A failed lookup raises ``KubeError``:
+        the webhook then denies, the reconcile retries later without starting the Run."""
         obj = self._namespaces.get(namespace) if self._namespaces is not None else None
         if obj is None:
             obj = await get(self.api, NAMESPACES, namespace)
