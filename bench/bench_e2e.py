@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 from bench.common import emit, machine, percentile
 from services.local.stack import LocalStack, running_stack
 from shared.api import GROUP
+from shared.control.tenancy import OWNERS_ANNOTATION
 from shared.kube.client import KubeError, make_client, request
 from shared.kube.informer import Informer, Obj
 from shared.kube.resources import RUNS
@@ -415,7 +416,11 @@ async def measure(stack: LocalStack, sizes: Sizes) -> None:
             api,
             "POST",
             "/api/v1/namespaces",
-            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+            body={  # tenancy is closed: the namespace is authorised for the bench's owner
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": NAMESPACE, "annotations": {OWNERS_ANNOTATION: OWNER}},
+            },
         )
         gpus = sizes.nodes * sizes.gpus_per_node
         budget = {

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from shared.bus.config import ServiceConfig, parse_service_args
 from shared.bus.settings import engine_flags, engine_settings
+from shared.control import pod_policy
+from shared.control.pod_policy import PodPolicyConfig
 from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
 from shared.engine.state import Settings
 
@@ -20,7 +22,10 @@ class AdmissionConfig:
 
     service: ServiceConfig
     default_owner_globs: tuple[str, ...] = DEFAULT_OWNER_GLOBS
-    """Owner globs of namespaces without the ``rq.davidlangworthy.io/owners`` annotation."""
+    """Owner globs of namespaces without the ``rq.davidlangworthy.io/owners`` annotation (none:
+    tenancy is closed unless the operator opens it)."""
+    pod_policy: PodPolicyConfig = field(default_factory=PodPolicyConfig)
+    """What a Run's ``spec.template`` may ask for (``shared.control.pod_policy``)."""
     settings: Settings = field(default_factory=Settings)
     resync_seconds: float = 30.0
     """Every Run is reconciled (GPU-hours refreshed) and every Budget rewritten this often."""
@@ -55,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--default-owner-globs",
         default=_env("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
-        help="owner globs for namespaces without the owners annotation (comma separated)",
+        help="owner globs for namespaces without the owners annotation (comma separated; "
+        "default: none, such a namespace may name no owner)",
     )
+    pod_policy.add_arguments(parser)
     add("--resync-seconds", type=float, default=float(_env("JOBTREE_RESYNC_SECONDS", "30")))
     add("--budget-interval", type=float, default=float(_env("JOBTREE_BUDGET_INTERVAL", "2")))
     add("--plan-timeout", type=float, default=float(_env("JOBTREE_PLAN_TIMEOUT", "5")))
@@ -84,10 +91,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> AdmissionConfig:
     """Admission flags, then the common service flags from what remains."""
-    ns, service = parse_service_args("admission", _parser(), argv)
+    parser = _parser()
+    ns, service = parse_service_args("admission", parser, argv)
+    try:
+        policy = pod_policy.from_arguments(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
     return AdmissionConfig(
         service=service,
         default_owner_globs=parse_globs(ns.default_owner_globs),
+        pod_policy=policy,
         settings=engine_settings(ns),
         resync_seconds=ns.resync_seconds,
         budget_interval=ns.budget_interval,

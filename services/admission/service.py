@@ -48,6 +48,7 @@ from shared.bus.tracing import run_decision
 from shared.control import run_status as rs
 from shared.control.budget_status import budget_status, envelope_figures, material
 from shared.control.dependencies import check_after
+from shared.control.pod_policy import check_template
 from shared.control.reservations import LABEL_MANAGED_BY, MANAGED_BY
 from shared.control.run_metrics import (
     PHASES,
@@ -399,18 +400,20 @@ class AdmissionService:
             await self._invalid(key, obj, str(exc), now)
             return
         self._first_seen(uid, request.flavor, status)
+        try:
+            annotations = await self._namespace_annotations(key[0])
+        except KubeError as exc:  # no start while tenancy cannot be checked; not a verdict either
+            log.warning("namespace %s unreadable: %s", key[0], exc)
+            self.queue.add_after(key, self.config.backoff_seconds)
+            return
         facts = rs.Facts(
             request=request,
             generation=generation,
             status=status,
             leases=self._leases_of(key, uid, meta),
             now=now,
-            denied=check_owner(
-                request.owner,
-                key[0],
-                await self._namespace_annotations(key[0]),
-                self.config.default_owner_globs,
-            ),
+            denied=check_owner(request.owner, key[0], annotations, self.config.default_owner_globs),
+            policy=check_template((obj.get("spec") or {}).get("template"), self.config.pod_policy),
             dependency=check_after((obj.get("spec") or {}).get("after"), self._phases(key[0])),
             reservation=self._live_reservation(key, uid),
             spare_factor=self.config.settings.spare_factor,
@@ -504,14 +507,12 @@ class AdmissionService:
         return min(live, key=lambda r: (r.earliest_start, r.name)) if live else None
 
     async def _namespace_annotations(self, namespace: str) -> Mapping[str, str] | None:
-        """The Namespace's annotations (read through when the cache has not seen it yet)."""
+        """The Namespace's annotations (read through when the cache has not seen it yet); None
+        when it does not exist (which authorises nobody). A failed lookup raises ``KubeError``:
+        the webhook then denies, the reconcile retries later without starting the Run."""
         obj = self._namespaces.get(namespace) if self._namespaces is not None else None
         if obj is None:
-            try:
-                obj = await get(self.api, NAMESPACES, namespace)
-            except KubeError as exc:
-                log.warning("namespace %s unreadable: %s", namespace, exc)
-                obj = None
+            obj = await get(self.api, NAMESPACES, namespace)
         if obj is None:
             return None
         annotations = _meta(obj).get("annotations")

@@ -2,7 +2,9 @@
 
 ``/validate`` parses the object with ``shared.api.parse_object`` (the same models the CRDs are
 generated from) and denies it with the field-path messages; for a Run it also denies an owner the
-namespace is not authorised for (``shared.control.tenancy``). ``/mutate`` adds the defaults the
+namespace is not authorised for (``shared.control.tenancy``; a namespace it cannot read authorises
+nobody) and a pod template the pod policy refuses (``shared.control.pod_policy``: the message
+names each field path and the template size limit). ``/mutate`` adds the defaults the
 API promises as a JSONPatch: ``spec.locality.allowCrossGroupSpread: true`` and
 ``spec.malleable.desiredTotalGPUs = maxTotalGPUs``.
 
@@ -14,7 +16,6 @@ server is a deployment concern (the Helm chart).
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -34,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.admission.config import AdmissionConfig
 from shared.api import API_VERSION, ApiValidationError, Run, parse_object
+from shared.control.pod_policy import PodPolicyConfig, check_template
 from shared.control.tenancy import DEFAULT_OWNER_GLOBS, check_owner
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,9 @@ def validate_object(
     namespace: str | None,
     annotations: Mapping[str, str] | None,
     default_globs: Sequence[str] = DEFAULT_OWNER_GLOBS,
+    policy: PodPolicyConfig | None = None,
 ) -> tuple[bool, str, int]:
-    """(allowed, message, HTTP code) for one Jobtree object."""
+    """(allowed, message, HTTP code) for one Jobtree object (``policy`` None: the default)."""
     try:
         parsed = parse_object(obj)
     except ApiValidationError as exc:
@@ -89,6 +92,11 @@ def validate_object(
         denied = check_owner(parsed.spec.owner, namespace, annotations, default_globs)
         if denied is not None:
             return False, denied.message, 403
+    if isinstance(parsed, Run):
+        template = (obj.get("spec") or {}).get("template")
+        refused = check_template(template, policy or PodPolicyConfig())
+        if refused is not None:
+            return False, refused.message, 403
     return True, "", 200
 
 
@@ -183,6 +191,7 @@ class WebhookServer:
         key_pem: bytes | None = None,
         tls_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
         default_globs: Sequence[str] = DEFAULT_OWNER_GLOBS,
+        policy: PodPolicyConfig | None = None,
     ) -> None:
         if (cert_pem is None) != (key_pem is None):
             raise ValueError("give both a TLS certificate and key, or neither")
@@ -194,6 +203,7 @@ class WebhookServer:
         self._host = host
         self._port = port
         self._default_globs = tuple(default_globs)
+        self._policy = policy or PodPolicyConfig()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._dir: Path | None = None
@@ -210,6 +220,7 @@ class WebhookServer:
             key_pem=key,
             tls_hosts=cfg.tls_hosts,
             default_globs=cfg.default_owner_globs,
+            policy=cfg.pod_policy,
         )
 
     @property
@@ -278,10 +289,18 @@ class WebhookServer:
         namespace = review.get("namespace") or (obj.get("metadata") or {}).get("namespace")
         annotations = None
         if obj.get("kind") == "Run" and namespace:
-            with contextlib.suppress(Exception):
+            try:
                 annotations = await self._annotations(str(namespace))
+            except Exception:  # unreadable: None, which authorises nobody
+                log.warning(
+                    "namespace lookup failed", extra={"namespace": namespace}, exc_info=True
+                )
         allowed, message, code = validate_object(
-            obj, str(namespace) if namespace else None, annotations, self._default_globs
+            obj,
+            str(namespace) if namespace else None,
+            annotations,
+            self._default_globs,
+            self._policy,
         )
         if not allowed:
             log.info("webhook denied", extra={"uid": uid, "reason": message})

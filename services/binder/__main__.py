@@ -14,6 +14,7 @@ from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
 from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag
+from shared.control import pod_policy
 from shared.kube.translate import HOLD_IMAGE
 
 
@@ -56,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
     )
     engine_flags(parser)
+    pod_policy.add_arguments(parser)
     ns, cfg = parse_service_args("binder", parser, argv)
+    try:
+        policy = pod_policy.from_arguments(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
     return cfg, BinderOptions(
         gpu_resource=ns.gpu_resource,
         hold_image=ns.hold_image,
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         leader_namespace=ns.leader_namespace,
         leader_lease_seconds=ns.leader_lease_seconds,
         settings=engine_settings(ns),
+        pod_policy=policy,
     )
 
 

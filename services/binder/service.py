@@ -70,6 +70,7 @@ from shared.control.commit_check import (
     same_incarnation,
 )
 from shared.control.lifecycle import Outcome, PodView, RunView, decide
+from shared.control.pod_policy import POD_POLICY, PodPolicyConfig, check_template
 from shared.engine.bindplan import LeaseIntent, PodIntent
 from shared.engine.model import Lease, RunKey
 from shared.engine.state import ClusterState, Settings
@@ -119,6 +120,8 @@ class BinderOptions:
     settings: Settings = field(default_factory=Settings)
     """Engine settings (``shared.bus.settings``): the commit re-checks' spare factor and default
     duration, the missing-pod grace."""
+    pod_policy: PodPolicyConfig = field(default_factory=PodPolicyConfig)
+    """Checked again right before pods are written: a Run that bypassed admission gets none."""
 
 
 # --------------------------------------------------------------------------- pod reading
@@ -451,6 +454,11 @@ class Binder:
                     return self._reject(req, "StaleRun", "the Run was replaced since the proposal")
                 if meta.get("deletionTimestamp"):
                     return self._reject(req, "RunDeleting", "the Run is being deleted")
+                refusal = check_template(
+                    (run_obj.get("spec") or {}).get("template"), self.options.pod_policy
+                )
+                if refusal is not None:
+                    return self._reject(req, POD_POLICY, refusal.detail)
                 try:
                     leases = [self._lease_body(req, intent, run_obj) for intent in plan.creates]
                     pods = {pod.name: self._pod_body(plan, pod, run_obj) for pod in changes.create}

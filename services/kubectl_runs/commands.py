@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-import yaml
 from kubernetes_asyncio.client import ApiClient
 
 from services.kubectl_runs import completion, output, render
@@ -30,6 +29,7 @@ from services.kubectl_runs.cli import build_parser, handler_of
 from services.kubectl_runs.config import ConfigError, client_kubeconfig, default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
+from shared.cli.documents import MAX_INPUT_BYTES, DocumentError, parse_documents
 from shared.kube.client import APPLY_PATCH, DEFAULT_TIMEOUT, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
@@ -382,13 +382,19 @@ def read_documents(paths: Sequence[str], stdin: TextIO) -> list[tuple[str, int, 
     for path in paths:
         source = "stdin" if path == "-" else path
         try:
-            text = stdin.read() if path == "-" else Path(path).read_text()
+            if path == "-":
+                text = stdin.read(MAX_INPUT_BYTES + 1)
+            else:
+                with Path(path).open(encoding="utf-8") as handle:
+                    text = handle.read(MAX_INPUT_BYTES + 1)
         except OSError as exc:
             raise CliError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        except yaml.YAMLError as exc:
-            raise CliError(f"{source}: not YAML or JSON: {' '.join(str(exc).split())}") from exc
+            docs = parse_documents(text)
+        except DocumentError as exc:
+            raise CliError(f"{source}: {exc}") from exc
         number = 0
         for doc in docs:
             items = (

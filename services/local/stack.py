@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.control.tenancy import OWNERS_ANNOTATION
 from shared.localenv.controlplane import REPO, ControlPlane, ensure_binaries
 from shared.localenv.fleet import SEED_FLEET, fleet_manifest
 from shared.localenv.natsserver import NatsServer
@@ -37,6 +38,9 @@ SEED_STEPS = (
     "kubectl get leases.rq.davidlangworthy.io",
 )
 """The administrator guide's first steps, printed once the stack is ready."""
+SAMPLE_NAMESPACES: dict[str, str] = {"default": "org:ai:rai:sys"}
+"""Namespace → owner globs it is authorised for: tenancy is closed, so the namespace the samples
+are applied to (kubectl's default) is annotated to speak for the samples' owner, and no other."""
 SAMPLE_GPUS = 128
 """GPUs per fabric domain the samples need (run-128-groups: 96 in nv-a, 32 in nv-b)."""
 
@@ -229,6 +233,11 @@ class LocalStack:
                 f"than the {SAMPLE_GPUS} the 128-GPU samples are written for"
             )
         self.create_fleet()
+        say(
+            "authorising the samples' namespace: "
+            + ", ".join(f"{ns} for {globs}" for ns, globs in SAMPLE_NAMESPACES.items())
+        )
+        self.authorise_namespaces(SAMPLE_NAMESPACES)
 
         self._services = ServiceSet(
             self.workdir,
@@ -296,6 +305,18 @@ class LocalStack:
             *(f"node/{name}" for name in self.node_names),
             timeout=timeout + 30,
         )
+
+    def authorise_namespaces(self, namespaces: dict[str, str]) -> None:
+        """Create each namespace if absent and annotate it with the owner globs it may name."""
+        for name, globs in namespaces.items():
+            doc = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "annotations": {OWNERS_ANNOTATION: globs}},
+            }
+            self.kubectl(
+                "apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(doc)
+            )
 
     def processes(self) -> dict[str, int]:
         """PID of every child process, by name."""
@@ -402,6 +423,14 @@ class LocalStack:
             f"  cd {REPO}",
             *(f"  {step}" for step in SEED_STEPS),
             "  kubectl get jobtree -A",
+            "",
+            "Tenancy is closed: "
+            + ", ".join(
+                f"namespace {ns} may name owners {g}" for ns, g in SAMPLE_NAMESPACES.items()
+            )
+            + "; no other namespace may name any owner. To authorise another:",
+            "  kubectl create namespace team-a",
+            f"  kubectl annotate namespace team-a {OWNERS_ANNOTATION}='org:ai:*'",
             "",
             f"Logs: {logs}/ — one JSON line per event in "
             + ", ".join(f"{n}.log" for n in SERVICES)

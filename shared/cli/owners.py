@@ -2,7 +2,7 @@
 
 Admission authorises a Run's ``spec.owner`` against the namespace's annotation
 ``rq.davidlangworthy.io/owners`` when it exists, else against the admission service's
-``--default-owner-globs`` (``JOBTREE_DEFAULT_OWNER_GLOBS``, ``*`` unless configured)
+``--default-owner-globs`` (``JOBTREE_DEFAULT_OWNER_GLOBS``, none unless configured)
 — ``shared.control.tenancy`` is that rule; this module only reports it. The default is read
 from the admission Deployment when the caller may see it; Budget owners the globs admit are
 listed so a researcher sees which owners they can actually use.

@@ -15,7 +15,8 @@ Rules, in the order :func:`assess` applies them:
    ``Fail`` its gang-mates close with) → back to Pending with ``restarts + 1`` when the Run
    declares a checkpoint and restarts remain, else Failed with that reason; Canceled → nothing
    (the Run is being deleted).
-4. Tenancy: a namespace not authorised for the owner fails the Run (``Unauthorized``).
+4. Tenancy: a namespace not authorised for the owner fails the Run (``Unauthorized``); then the
+   pod policy: a template it refuses fails the Run (``PodPolicy``, naming each field path).
 5. ``after``: an upstream Failed → Failed (``UpstreamFailed``); upstreams not all Completed →
    Pending with condition ``WaitingForUpstream``.
 6. A live (Pending/Active) Reservation for the Run → Reserved, with its name and earliest start;
@@ -38,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.control.dependencies import Dependency, UpstreamFailed, Waiting
+from shared.control.pod_policy import PodPolicyRefusal
 from shared.control.tenancy import Denied
 from shared.engine.accounting import RunFunding, run_funding
 from shared.engine.model import Closure, Lease, LeaseReason, Role, RunRequest
@@ -308,6 +310,8 @@ class Facts:
     """This Run's Leases (this incarnation), open and closed."""
     now: datetime
     denied: Denied | None = None
+    policy: PodPolicyRefusal | None = None
+    """Why the pod policy refuses the Run's template (None: it may become pods)."""
     dependency: Dependency | None = None
     reservation: LiveReservation | None = None
     spare_factor: float = 1.0
@@ -575,6 +579,9 @@ def assess(facts: Facts) -> Assessment:
             ),
             "failed",
         )
+    if facts.policy is not None:
+        refusal = facts.policy
+        return Settle(failed_status(facts, refusal.reason, refusal.message), "failed")
 
     dep = facts.dependency
     if isinstance(dep, UpstreamFailed):

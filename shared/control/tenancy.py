@@ -2,10 +2,12 @@
 
 A namespace lists the owner globs it is authorised for in the annotation
 ``rq.davidlangworthy.io/owners`` (comma separated, shell-style ``fnmatch`` globs: ``*`` matches any
-run of characters, ``:`` included). A namespace without the annotation gets the operator's default
-globs (``--default-owner-globs``, ``*`` unless configured). An annotation that is present but lists
-nothing authorises nobody. This is what makes lending ACLs mean anything: a Run cannot claim to be
-an owner its namespace does not speak for.
+run of characters, ``:`` included). Tenancy is closed unless opened: a namespace without the
+annotation gets the operator's default globs (``--default-owner-globs``), which are empty (nobody)
+unless the operator names some; an annotation that is present but lists nothing authorises nobody;
+a namespace that cannot be read (unknown, or the lookup failed) authorises nobody. This is what
+makes lending ACLs mean anything: a Run cannot claim to be an owner its namespace does not speak
+for.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from fnmatch import fnmatchcase
 from shared.api import GROUP
 
 OWNERS_ANNOTATION = f"{GROUP}/owners"
-DEFAULT_OWNER_GLOBS: tuple[str, ...] = ("*",)
+DEFAULT_OWNER_GLOBS: tuple[str, ...] = ()
+"""Nobody: a namespace speaks for the owners its annotation names, or the operator's default."""
 UNAUTHORIZED = "Unauthorized"
 
 
@@ -31,8 +34,11 @@ def parse_globs(text: str | None) -> tuple[str, ...]:
 def namespace_globs(
     annotations: Mapping[str, str] | None, default: Sequence[str] = DEFAULT_OWNER_GLOBS
 ) -> tuple[str, ...]:
-    """The namespace's annotation globs when the annotation exists, else ``default``."""
-    if annotations is not None and OWNERS_ANNOTATION in annotations:
+    """The namespace's annotation globs when the annotation exists, else ``default``; none at all
+    when the namespace is unknown (``annotations`` None)."""
+    if annotations is None:
+        return ()
+    if OWNERS_ANNOTATION in annotations:
         return parse_globs(annotations[OWNERS_ANNOTATION])
     return tuple(default)
 
@@ -50,6 +56,8 @@ class Denied:
     namespace: str
     globs: tuple[str, ...]
     from_annotation: bool
+    unreadable: bool = False
+    """The Namespace could not be read: nothing is authorised until it can."""
 
     @property
     def reason(self) -> str:
@@ -57,6 +65,12 @@ class Denied:
 
     @property
     def message(self) -> str:
+        if self.unreadable:
+            return (
+                f"Unauthorized: namespace {self.namespace!r} could not be read, so it is not "
+                f"authorised for owner {self.owner!r} (tenancy is closed unless the namespace's "
+                f"annotation {OWNERS_ANNOTATION} names the owner)"
+            )
         allowed = ", ".join(self.globs) if self.globs else "no owners"
         source = (
             f"annotation {OWNERS_ANNOTATION}"
@@ -77,11 +91,17 @@ def check_owner(
 ) -> Denied | None:
     """None when ``namespace`` may name ``owner``, else why not.
 
-    ``annotations`` is the Namespace's metadata.annotations (None when the Namespace is unknown:
-    the default applies).
+    ``annotations`` is the Namespace's metadata.annotations (None when the Namespace is unknown
+    or its lookup failed: denied).
     """
     globs = namespace_globs(annotations, default)
     if authorized(owner, globs):
         return None
     from_annotation = annotations is not None and OWNERS_ANNOTATION in annotations
-    return Denied(owner=owner, namespace=namespace, globs=globs, from_annotation=from_annotation)
+    return Denied(
+        owner=owner,
+        namespace=namespace,
+        globs=globs,
+        from_annotation=from_annotation,
+        unreadable=annotations is None,
+    )

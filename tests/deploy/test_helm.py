@@ -392,7 +392,10 @@ def test_only_the_binder_role_writes_pods(deploy_bin: Path) -> None:
             r["metadata"]["name"]: r["rules"]
             for r in find(template(deploy_bin, "--set", f"mode={mode}"), "ClusterRole")
         }
-        assert set(roles) == {f"jobtree-{s}" for s in SERVICES} | USER_ROLES
+        # one role per service, the roles for people and the administrators' Reservation role
+        assert set(roles) == {f"jobtree-{s}" for s in SERVICES} | USER_ROLES | {
+            "jobtree-reservation-admin"
+        }
         writers = {name for name, rules in roles.items() if _can_create_pods(rules)}
         assert writers == {"jobtree-binder"}
         for rules in roles.values():

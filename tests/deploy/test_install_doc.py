@@ -423,6 +423,11 @@ WALKTHROUGH: list[Run | Do] = [
     Run("kubectl apply -f config/samples/budgets/budget-vision-lending.yaml"),
     Run("kubectl get budgets.rq.davidlangworthy.io", budgets_listed),
     Run("kubectl runs budgets usage --owner org:ai:rai:sys", usage_shown),
+    Run("kubectl annotate namespace team-a rq.davidlangworthy.io/owners='org:ai:*' --overwrite",
+        has("namespace/team-a annotated")),
+    Run("kubectl label namespace team-a pod-security.kubernetes.io/enforce=baseline "
+        "pod-security.kubernetes.io/warn=restricted --overwrite",
+        has("namespace/team-a labeled")),
     # 5.1 the plugin
     Run("kubectl plugin list", plugin_listed),
     Run("kubectl runs --help", has("usage: kubectl runs")),

@@ -159,7 +159,7 @@ def test_prod_walltime_policy_is_enforced(crds: ControlPlane) -> None:
     """Applied for real: in a labelled namespace a Run without maxDuration is denied."""
     docs = documents(build(crds, "prod"))
     policy = [
-        d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")
+        d for d in docs if d["metadata"]["name"] == "jobtree-require-walltime"
     ]  # policy + binding
     assert len(policy) == 2
     manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": policy})

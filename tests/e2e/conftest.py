@@ -88,11 +88,11 @@ def apply_sample(stack: LocalStack, path: str, namespace: str | None = None) -> 
     stack.kubectl("apply", *ns, "-f", f"config/samples/{path}")
 
 
-def create_namespace(stack: LocalStack, name: str, owners: str | None = None) -> None:
-    """A namespace (never deleted: no namespace controller), optionally with owner globs."""
+def create_namespace(stack: LocalStack, name: str, owners: str) -> None:
+    """A namespace (never deleted: no namespace controller) authorised for the owner globs
+    ``owners``: tenancy is closed, an unannotated namespace may name no owner."""
     stack.kubectl("create", "namespace", name, check=False)
-    if owners is not None:
-        stack.kubectl("annotate", "--overwrite", "namespace", name, f"{GROUP}/owners={owners}")
+    stack.kubectl("annotate", "--overwrite", "namespace", name, f"{GROUP}/owners={owners}")
 
 
 def open_leases(stack: LocalStack, selector: str | None = None) -> list[dict[str, Any]]:

@@ -125,7 +125,7 @@ def live_pods(stack: LocalStack, namespace: str) -> list[dict[str, Any]]:
 
 def start_flow_1(stack: LocalStack, namespace: str) -> str:
     """Budgets and ``run-128-groups`` exactly as the guide applies them; returns the Run's uid."""
-    create_namespace(stack, namespace)
+    create_namespace(stack, namespace, owners="org:ai:rai:sys")
     apply_sample(stack, "budgets/budget-west-h100.yaml")
     apply_sample(stack, "budgets/budget-vision-lending.yaml")
     apply_sample(stack, "runs/run-128-groups.yaml", namespace)
@@ -234,7 +234,7 @@ def test_sigkill_binder_mid_commit(healthy: LocalStack) -> None:
     of writing the commit: the next binder completes it from its journal."""
     stack = healthy
     namespace = "e2e-kill-mid-commit"
-    create_namespace(stack, namespace)
+    create_namespace(stack, namespace, owners="org:ai:rai:sys")
     watch = subprocess.Popen(
         [
             str(stack.control_plane.bin_dir / "kubectl"),
@@ -420,7 +420,7 @@ async def propose(
 async def test_binder_rejects_a_stale_plan(healthy: LocalStack) -> None:
     stack = healthy
     namespace = "e2e-stale-plan"
-    create_namespace(stack, namespace)
+    create_namespace(stack, namespace, owners="org:ai:rai:sys")
     apply_sample(stack, "budgets/budget-west-h100.yaml")
     conflicts_before = metric_value(
         stack.services.metrics("binder"), "jobtree_binder_conflicts_total", reason="NodeCapacity"
@@ -488,7 +488,7 @@ def test_admission_recomputes_after_a_stale_commit(healthy: LocalStack) -> None:
     it elsewhere."""
     stack = healthy
     namespace = "e2e-stale-retry"
-    create_namespace(stack, namespace)
+    create_namespace(stack, namespace, owners="org:ai:rai:sys")
     apply_sample(stack, "budgets/budget-west-h100.yaml")
     services = stack.services
 

@@ -50,7 +50,7 @@ def _outsider() -> dict[str, Any]:
 
 def test_cofunded_run_splits_funding_with_its_sponsor(clean: LocalStack) -> None:
     stack = clean
-    create_namespace(stack, NS)
+    create_namespace(stack, NS, owners="org:ai:rai:sys")
     apply_sample(stack, "budgets/budget-west-h100.yaml")
     apply_sample(stack, "budgets/budget-vision-lending.yaml")
     apply_sample(stack, "runs/run-cofunded-128.yaml", NS)

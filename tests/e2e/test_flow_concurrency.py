@@ -216,7 +216,7 @@ def burst_budget(clean: LocalStack) -> Iterator[LocalStack]:
 
 def test_burst_of_200_runs_never_overcommits(burst_budget: LocalStack) -> None:
     stack = burst_budget
-    create_namespace(stack, NS)
+    create_namespace(stack, NS, owners=OWNER)
     capacity = node_capacity(stack)
     assert sum(capacity.values()) == FLEET_GPUS, capacity
     caps = envelope_caps(stack)

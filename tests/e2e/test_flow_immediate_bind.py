@@ -48,7 +48,7 @@ def _selectors(stack: LocalStack) -> dict[tuple[str, str], dict[str, str]]:
 
 def test_run_128_groups_binds_in_one_gang(clean: LocalStack) -> None:
     stack = clean
-    create_namespace(stack, NS)
+    create_namespace(stack, NS, owners="org:ai:rai:sys")
     apply_sample(stack, "budgets/budget-west-h100.yaml")
     apply_sample(stack, "budgets/budget-vision-lending.yaml")
     apply_sample(stack, "runs/run-128-groups.yaml", NS)

@@ -49,7 +49,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_count_a_bind(clean: LocalStack) -> None:
     stack = clean
-    create_namespace(stack, NS)
+    create_namespace(stack, NS, owners=OWNER)
     before = {name: stack.services.metrics(name) for name in ("admission", "binder", "packer")}
     stack.kubectl("apply", "-f", "-", input=BUDGET)
     stack.kubectl("apply", "-f", "-", input=RUN)

@@ -188,6 +188,14 @@ async def admission(
             "kind": "Namespace",
             "metadata": {"name": TENANT_NS, "annotations": {OWNERS_ANNOTATION: "org:adm:*"}},
         },
+        {  # tenancy is closed: the module's namespace speaks for the owners its tests name
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": namespace,
+                "annotations": {OWNERS_ANNOTATION: "org:adm:*,lonely:*,flowa:*,flowb:*"},
+            },
+        },
     )
     config = AdmissionConfig(
         service=ServiceConfig(

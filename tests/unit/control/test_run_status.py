@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.control import run_status as rs
 from shared.control.dependencies import Ready, UpstreamFailed, Waiting
+from shared.control.pod_policy import PodPolicyConfig, check_template
 from shared.control.tenancy import check_owner
 from shared.engine.accounting import RunFunding
 from shared.engine.model import (
@@ -335,6 +336,18 @@ def test_unauthorized_fails_with_condition() -> None:
     assert "'org:ai'" in status["message"] and "'team'" in status["message"]
     assert cond(status, "Unauthorized")["status"] == "True"
     assert cond(status, "Failed")["reason"] == "Unauthorized"
+
+
+def test_a_template_the_pod_policy_refuses_fails_with_reason_pod_policy() -> None:
+    template = {"spec": {"containers": [{"name": "c", "securityContext": {"privileged": True}}]}}
+    refusal = check_template(template, PodPolicyConfig())
+    verdict = rs.assess(facts(policy=refusal))
+    assert isinstance(verdict, rs.Settle) and verdict.result == "failed"
+    field = "spec.template.spec.containers[0].securityContext.privileged"
+    assert verdict.status["message"] == f"PodPolicy: {field} is true"
+    assert cond(verdict.status, "Failed")["reason"] == "PodPolicy"
+    running = rs.assess(facts(policy=refusal, leases=(lease("a"),)))
+    assert isinstance(running, rs.Observe)  # a Run already running keeps its pods
 
 
 def test_upstreams() -> None:

@@ -20,7 +20,7 @@ def test_parse_globs_trims_drops_empties_and_dedupes() -> None:
 def test_annotation_wins_over_default_and_empty_annotation_allows_nobody() -> None:
     assert namespace_globs({OWNERS_ANNOTATION: "org:ai:*"}, ("*",)) == ("org:ai:*",)
     assert namespace_globs({"other": "x"}, ("org:*",)) == ("org:*",)
-    assert namespace_globs(None, ("org:*",)) == ("org:*",)
+    assert namespace_globs(None, ("org:*",)) == ()
     assert namespace_globs({OWNERS_ANNOTATION: " , "}, ("*",)) == ()
 
 
@@ -32,9 +32,17 @@ def test_globs_match_whole_owner_paths_across_colons() -> None:
     assert not authorized("org:ai", [])
 
 
-def test_default_allows_everyone() -> None:
-    assert check_owner("org:any", "ns", None) is None
-    assert check_owner("org:any", "ns", {}) is None
+def test_default_allows_nobody() -> None:
+    denied = check_owner("org:any", "ns", {})
+    assert denied is not None and not denied.from_annotation and not denied.unreadable
+    assert "it may name no owners (the default owner globs (no annotation))" in denied.message
+    assert check_owner("org:any", "ns", {}, ("org:*",)) is None
+
+
+def test_an_unreadable_namespace_authorises_nobody_even_with_open_defaults() -> None:
+    denied = check_owner("org:any", "gone", None, ("*",))
+    assert denied is not None and denied.unreadable
+    assert denied.message.startswith("Unauthorized: namespace 'gone' could not be read")
 
 
 def test_denial_names_owner_namespace_and_allowed_globs() -> None:
@@ -47,7 +55,7 @@ def test_denial_names_owner_namespace_and_allowed_globs() -> None:
 
 
 def test_denial_by_default_globs_says_so() -> None:
-    denied = check_owner("org:ml:x", "team-b", None, ("org:ai:*",))
+    denied = check_owner("org:ml:x", "team-b", {}, ("org:ai:*",))
     assert denied is not None and not denied.from_annotation
     assert "default owner globs" in denied.message
     nobody = check_owner("org:ai", "team-c", {OWNERS_ANNOTATION: ""})

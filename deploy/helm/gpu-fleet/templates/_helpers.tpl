@@ -162,6 +162,19 @@ container defines before this block.
 {{- end }}
 {{- end -}}
 
+{{- /* The pod policy settings admission and the binder both read (same values, same env). */}}
+{{- define "gpu-fleet.podPolicyEnv" -}}
+{{- $policy := .Values.podPolicy -}}
+- name: JOBTREE_POD_POLICY_ALLOW
+  value: {{ join "," $policy.allow | quote }}
+- name: JOBTREE_POD_POLICY_CAPABILITIES
+  value: {{ join "," $policy.capabilities | quote }}
+- name: JOBTREE_POD_POLICY_SERVICE_ACCOUNTS
+  value: {{ join "," $policy.serviceAccounts | quote }}
+- name: JOBTREE_MAX_TEMPLATE_BYTES
+  value: {{ $policy.maxTemplateBytes | int | quote }}
+{{- end }}
+
 {{/*
 One service container: (dict "root" $ "service" "binder").
 */}}
@@ -201,6 +214,9 @@ One service container: (dict "root" $ "service" "binder").
           fieldPath: metadata.namespace
     {{- include "gpu-fleet.engineEnv" $root | nindent 4 }}
     {{- include "gpu-fleet.tracingEnv" (dict "root" $root "service" $name) | nindent 4 }}
+    {{- if or (eq $name "admission") (eq $name "binder") }}
+    {{- include "gpu-fleet.podPolicyEnv" $root | nindent 4 }}
+    {{- end }}
     {{- if eq $name "admission" }}
     {{- if $svc.defaultOwnerGlobs }}
     - name: JOBTREE_DEFAULT_OWNER_GLOBS
