@@ -22,7 +22,6 @@ from shared.kube.translate import (
     ANNOTATION_CAPACITY_HOLD,
     ANNOTATION_EXPECTED_END,
     ANNOTATION_GPUS,
-    KWOK_TOLERATION,
     LABEL_FUNDING,
     LABEL_RUN_UID,
     TranslateError,
@@ -456,7 +455,7 @@ def test_pod_from_template_is_bound_labelled_and_owned() -> None:
     ]
     assert (spec["nodeName"], spec["restartPolicy"]) == ("gpu-a-01", "Never")
     assert (spec["hostname"], spec["subdomain"]) == ("run-with-template-g0-r1", "run-with-template")
-    assert spec["tolerations"] == [KWOK_TOLERATION]
+    assert "tolerations" not in spec, "production pods carry only the template's tolerations"
     trainer, sidecar = spec["containers"]
     assert trainer["resources"] == {
         "requests": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"},
