@@ -324,7 +324,7 @@ def pod_usage(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> tuple[str, P
     return node, (0 if jobtree_owned(meta) else gpus, cpu, memory, ephemeral)
 
 
-def slim_pod(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> Obj:
+def slim_pod(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> dict[str, Any]:
     """The little of a Pod a capacity cache keeps: identity and ``usage`` ([node, GPUs, CPU,
     memory, ephemeral] or None), so 100,000 pods cost kilobytes each less than whole objects."""
     meta = obj.get("metadata") or {}
