@@ -18,7 +18,9 @@ working on the version it started with.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -136,6 +138,19 @@ def occupancy(held: Iterable[Held]) -> int:
     return active + max(spare, borrowed)
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a snapshot is built: the build allocates a few hundred
+    thousand acyclic containers, and the collections they trigger cost as much as the build."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def node_free(node: Node, used: int, load: Load = NO_LOAD) -> int:
     """GPUs a node can take for new work: none unless schedulable, never negative."""
     if not node.schedulable:
@@ -243,12 +258,16 @@ def _floor_of(cell: _Domain) -> Floor:
 
 
 def _make_domain(
-    nodes: Mapping[str, Node],
+    nodes: dict[str, Node],
     leases: Mapping[str, Mapping[str, Held]],
     pods: Mapping[str, Mapping[str, PodUse]],
 ) -> _Domain:
-    """A cell built in one pass over its nodes (the snapshot build is paid at every relist)."""
-    ordered = tuple(sorted(nodes.values(), key=_by_name))
+    """A cell built in one pass over its nodes (the snapshot build is paid at every relist).
+
+    ``nodes`` becomes the cell's own; the per-node lease and pod maps must be read-only from now
+    on (fresh from a build, or an older cell's), so they are kept, not copied.
+    """
+    ordered = tuple([nodes[name] for name in sorted(nodes)])
     used: dict[str, int] = {}
     loads: dict[str, Load] = {}
     free_by_node: dict[str, int] = {}
@@ -260,11 +279,16 @@ def _make_domain(
         taken = 0
         held = leases.get(name)
         if held:
-            kept_leases[name] = MappingProxyType(dict(held))
-            taken = used[name] = occupancy(held.values())
-        on = pods.get(name)
+            kept_leases[name] = held
+            if len(held) == 1:
+                for gpus, _ in held.values():
+                    taken = gpus
+            else:
+                taken = occupancy(held.values())
+            used[name] = taken
+        on = pods.get(name) if pods else None
         if on:
-            kept_pods[name] = MappingProxyType(dict(on))
+            kept_pods[name] = on
             load = loads[name] = load_of(on.values())
             taken += load.gpus
         if node.ready and not node.cordoned and node.gpus > taken:
@@ -273,7 +297,7 @@ def _make_domain(
         else:
             free_by_node[name] = 0
     return _Domain(
-        MappingProxyType(dict(nodes)),
+        MappingProxyType(nodes),
         MappingProxyType(kept_leases),
         MappingProxyType(kept_pods),
         MappingProxyType(used),
@@ -282,10 +306,6 @@ def _make_domain(
         MappingProxyType(free_by_node),
         free,
     )
-
-
-def _by_name(node: Node) -> str:
-    return node.name
 
 
 def _update_domain(
@@ -379,46 +399,47 @@ class Topology:
     ) -> Topology:
         """Snapshot of the given nodes (last one wins on duplicate names), open leases and pods
         (``(key, node, counted requests)``; a ``None`` use is skipped)."""
-        cells: dict[str, dict[DomainKey, dict[str, Node]]] = {}
-        where: dict[str, _Loc] = {}
-        for node in nodes:
-            name = node.name
-            old = where.get(name)
-            if old is not None:
-                del cells[old[0]][old[1]][name]
-            loc = where[name] = (node.flavor, node.domain)
-            by_dom = cells.get(loc[0])
-            if by_dom is None:
-                by_dom = cells[loc[0]] = {}
-            members = by_dom.get(loc[1])
-            if members is None:
-                members = by_dom[loc[1]] = {}
-            members[name] = node
-        lease_map: dict[str, dict[str, Held]] = {}
-        for lease in leases:
-            if lease.open:
-                lease_map.setdefault(lease.node, {})[lease.name] = _held(lease)
-        pod_map: dict[str, dict[str, PodUse]] = {}
-        for key, node_name, use in pods:
-            if use is not None:
-                pod_map.setdefault(node_name, {})[key] = pod_use(use)
-        index: dict[str, Mapping[DomainKey, _Domain]] = {}
-        free: dict[str, Mapping[DomainKey, int]] = {}
-        for flavor, domains in cells.items():
-            built: dict[DomainKey, _Domain] = {}
-            frees: dict[DomainKey, int] = {}
-            for dom, members in domains.items():
+        with _no_gc():
+            cells: dict[_Loc, dict[str, Node]] = {}
+            where: dict[str, _Loc] = {}
+            for node in nodes:
+                name = node.name
+                loc = (node.flavor, node.domain)
+                old = where.get(name)
+                if old is not None:
+                    del cells[old][name]
+                where[name] = loc
+                members = cells.get(loc)
+                if members is None:
+                    members = cells[loc] = {}
+                members[name] = node
+            lease_map: dict[str, dict[str, Held]] = {}
+            for lease in leases:
+                if lease.end is None:
+                    on = lease_map.get(lease.node)
+                    if on is None:
+                        on = lease_map[lease.node] = {}
+                    on[lease.name] = _held(lease)
+            pod_map: dict[str, dict[str, PodUse]] = {}
+            for key, node_name, use in pods:
+                if use is not None:
+                    pod_map.setdefault(node_name, {})[key] = pod_use(use)
+            lease_views = {n: MappingProxyType(ls) for n, ls in lease_map.items()}
+            pod_views = {n: MappingProxyType(ps) for n, ps in pod_map.items()}
+            index: dict[str, dict[DomainKey, _Domain]] = {}
+            frees: dict[str, dict[DomainKey, int]] = {}
+            for (flavor, dom), members in cells.items():
                 if not members:
                     continue
-                cell = _make_domain(members, lease_map, pod_map)
-                built[dom] = cell
-                frees[dom] = cell.free
-            if built:
-                index[flavor] = built
-                free[flavor] = MappingProxyType(frees)
-        orphans = {n: MappingProxyType(ls) for n, ls in lease_map.items() if n not in where and ls}
-        orphan_pods = {n: MappingProxyType(ps) for n, ps in pod_map.items() if n not in where}
-        return cls(where, index, free, orphans, orphan_pods)
+                cell = _make_domain(members, lease_views, pod_views)
+                if flavor not in index:
+                    index[flavor], frees[flavor] = {}, {}
+                index[flavor][dom] = cell
+                frees[flavor][dom] = cell.free
+            free = {flavor: MappingProxyType(f) for flavor, f in frees.items()}
+            orphans = {n: ls for n, ls in lease_views.items() if n not in where}
+            orphan_pods = {n: ps for n, ps in pod_views.items() if n not in where}
+            return cls(where, index, free, orphans, orphan_pods)
 
     # ----------------------------------------------------------------- queries
 
