@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from types import MappingProxyType
 from typing import Literal
@@ -76,6 +76,14 @@ HOLDING_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
 def _name(obj: Obj) -> str:
     return str(obj["metadata"]["name"])
+
+
+def _pod_changes(items: Mapping[str, Obj]) -> Iterator[tuple[str, str, PodUse]]:
+    """(key, node, counted requests) of every cached slim pod that holds capacity."""
+    for key, obj in items.items():
+        used = slim_usage(obj)
+        if used is not None:
+            yield key, used[0], used[1]
 
 
 def _run_key(obj: Obj) -> RunKey:
@@ -134,7 +142,6 @@ class ClusterCache:
         self._topology: Topology | None = None
         """Built on first read from the records below; advanced event by event after that."""
         self._nodes: dict[str, Node] = {}
-        self._pods: dict[str, tuple[str, PodUse]] = {}
         self._missing: dict[str, MissingLabels] = {}
         self._leases: dict[str, Lease] = {}
         self._run_leases: dict[RunKey, set[str]] = {}
@@ -190,10 +197,11 @@ class ClusterCache:
     @property
     def topology(self) -> Topology:
         if self._topology is None:
+            pods = self._informers.get("pods")
             self._topology = Topology.build(
                 self._nodes.values(),
                 self._unsettled.values(),
-                ((key, node, use) for key, (node, use) in self._pods.items()),
+                _pod_changes(pods.items if pods is not None else {}),
             )
         return self._topology
 
@@ -337,18 +345,17 @@ class ClusterCache:
         self._version += 1
 
     def _on_pod(self, event: EventType, obj: Obj, old: Obj | None) -> None:
+        """The informer keeps the slim copies; the one replaced says what to take back."""
         key = object_key(obj)
-        prev = self._pods.get(key)
+        prev = slim_usage(old)
         now = None if event == "DELETED" else slim_usage(obj)
         if now == prev:
             return
         changes: list[tuple[str, str, PodUse | None]] = []
         if prev is not None:
             changes.append((key, prev[0], None))
-            del self._pods[key]
         if now is not None:
             changes.append((key, now[0], now[1]))
-            self._pods[key] = now
         self._edit(lambda t: t.with_pods(changes))
 
     def _on_budget(self, event: EventType, obj: Obj, old: Obj | None) -> None:

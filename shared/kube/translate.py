@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -47,7 +48,7 @@ from shared.engine import model as m
 from shared.engine.bindplan import LeaseIntent, PodIntent
 from shared.engine.capacity import NO_USE, PodUse, Use, parse_quantity, pod_requests, whole
 from shared.engine.forecast import min_demand
-from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, node_from_labels
+from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, node_from_labels, pod_use
 
 LABEL_FUNDING = f"{GROUP}/funding"
 LABEL_RUN_UID = f"{GROUP}/run-uid"
@@ -325,27 +326,29 @@ def pod_usage(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> tuple[str, P
 
 
 def slim_pod(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> dict[str, Any]:
-    """The little of a Pod a capacity cache keeps: identity and ``usage`` ([node, GPUs, CPU,
-    memory, ephemeral] or None), so 100,000 pods cost kilobytes each less than whole objects."""
+    """The little of a Pod a capacity cache keeps: identity and ``usage`` ((node, counted
+    requests) or None), so 100,000 pods cost about a kilobyte each, not several."""
     meta = obj.get("metadata") or {}
     used = pod_usage(obj, resource=resource)
+    if used is not None:  # node names and request shapes repeat: share them
+        used = (sys.intern(used[0]), pod_use(used[1]))
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta
         },
-        "usage": None if used is None else [used[0], *used[1]],
+        "usage": used,
     }
 
 
-def slim_usage(obj: Obj) -> tuple[str, PodUse] | None:
+def slim_usage(obj: Obj | None) -> tuple[str, PodUse] | None:
     """The (node, counted requests) a ``slim_pod`` carries."""
-    usage = obj.get("usage")
-    if not isinstance(usage, list) or len(usage) != 5:
+    usage = None if obj is None else obj.get("usage")
+    if not isinstance(usage, tuple) or len(usage) != 2:
         return None
-    node, gpus, cpu, memory, ephemeral = usage
-    return str(node), (int(gpus), int(cpu), int(memory), int(ephemeral))
+    node, use = usage
+    return str(node), use
 
 
 def budget_record(obj: Obj) -> m.Budget:
