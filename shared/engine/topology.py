@@ -424,8 +424,9 @@ class Topology:
             for key, node_name, use in pods:
                 if use is not None:
                     pod_map.setdefault(node_name, {})[key] = pod_use(use)
-            lease_views = {n: MappingProxyType(ls) for n, ls in lease_map.items()}
-            pod_views = {n: MappingProxyType(ps) for n, ps in pod_map.items()}
+            # Fresh maps nothing else holds: the cells keep them as they are (read-only by use).
+            lease_views: Mapping[str, Mapping[str, Held]] = lease_map
+            pod_views: Mapping[str, Mapping[str, PodUse]] = pod_map
             index: dict[str, dict[DomainKey, _Domain]] = {}
             frees: dict[str, dict[DomainKey, int]] = {}
             for (flavor, dom), members in cells.items():
