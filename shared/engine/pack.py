@@ -278,7 +278,7 @@ class _Packer:
         self.picky = bool(self.needs.node_selector or self.needs.affinity)
         """The template narrows nodes by label: every node is checked."""
         self.uniform: dict[DomainKey, bool] = {}
-        self.slots: dict[str, int] = {}
+        self.slot_counts: dict[str, int] = {}
         self.ranks_on: dict[str, int] = {}
         """Ranks (pods) this plan has put on each node: their CPU/memory count too."""
         self.taken: dict[str, int] = {}
@@ -337,10 +337,10 @@ class _Packer:
 
     def _slots(self, node: Node) -> int:
         """Rank pods of this Run the node can hold besides what it already runs."""
-        known = self.slots.get(node.name)
+        known = self.slot_counts.get(node.name)
         if known is None:
             known = slots(node.capacity, self.topology.load(node.name), self.needs)
-            self.slots[node.name] = known
+            self.slot_counts[node.name] = known
         return known
 
     def _eligible(self, dom: DomainKey) -> list[Node]:
