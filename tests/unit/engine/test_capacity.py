@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared.engine.admit import resources_refusal
 from shared.engine.capacity import (
@@ -233,3 +235,49 @@ def test_cpu_or_memory_held_by_other_pods_keep_ranks_off(busy: Load) -> None:
     assert [s.node for s in placed(pack(ask, t, funding())).slices] == ["nv-a-02"]
     both = dataclasses.replace(ask, total_gpus=16, group_gpus=16)
     assert isinstance(pack(both, t, funding()), NoFit)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 8),  # GPUs other pods hold
+            st.integers(0, 64),  # CPUs other pods request
+            st.booleans(),  # tainted
+            st.sampled_from((64, 128, 512)),  # memory Gi
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(1, 4),
+    st.sampled_from((0, 8, 32)),
+    st.sampled_from((0, 64, 200)),
+    st.booleans(),
+)
+def test_pack_never_places_a_rank_a_kubelet_would_refuse(
+    shape: list[tuple[int, int, bool, int]], groups: int, cpu: int, memory: int, tolerate: bool
+) -> None:
+    nodes, pods = [], []
+    for i, (gpus, cpus, tainted, mem) in enumerate(shape):
+        capacity = NodeCapacity(cpu=64_000, memory=mem * GI, ephemeral=0, pods=110)
+        taints = (Taint("maintenance", "", "NoSchedule"),) if tainted else ()
+        name = f"n{i:02d}"
+        nodes.append(sized(node(name, fabric=f"f{i % 3}"), capacity, taints))
+        pods.append((f"ns/p{i}", name, (gpus, cpus * 1000, 0, 0)))
+    t = Topology.build(nodes, pods=pods)
+    tolerations = (Toleration("maintenance", "Exists"),) if tolerate else ()
+    needs = PodNeeds(cpu=cpu * 1000, memory=memory * GI, tolerations=tolerations)
+    request = dataclasses.replace(run(total=4 * groups, group=4), pod=needs)
+    result = pack(request, t, funding())
+    if isinstance(result, NoFit):
+        return
+    ranks: dict[str, int] = {}
+    for s in result.slices:
+        ranks[s.node] = ranks.get(s.node, 0) + 1
+    for name, count in ranks.items():
+        n = t.node(name)
+        assert n is not None
+        assert exclusion(n, t.load(name), needs) is None, name
+        assert count <= slots(n.capacity, t.load(name), needs), (name, count)
+    for name, gpus in result.by_node().items():
+        assert gpus <= t.free(name), name
