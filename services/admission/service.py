@@ -57,8 +57,9 @@ from shared.control.run_metrics import (
     run_flavor,
 )
 from shared.control.tenancy import check_owner
-from shared.engine.admit import Blocked, widths
+from shared.engine.admit import Blocked, resources_refusal, widths
 from shared.engine.bindplan import BindIntent, bind_plan, to_leases
+from shared.engine.capacity import RESOURCES_DO_NOT_FIT
 from shared.engine.cover import CoverDenied, cover
 from shared.engine.elasticity import Grow, grow
 from shared.engine.fill import is_fill
@@ -135,7 +136,10 @@ class _Unavailable:
 
 @dataclass(frozen=True, slots=True)
 class _Invalid:
+    """Refused for good: the request is malformed, or no node could ever hold a rank."""
+
     message: str
+    reason: str = rs.INVALID_REQUEST
 
 
 _Attempt = _Bound | _Conflict | _Unavailable | _Invalid | Blocked
@@ -610,7 +614,7 @@ class AdmissionService:
             self.queue.add_after(key, 2.0)
             return
         if isinstance(outcome, _Invalid):
-            status = rs.failed_status(facts, rs.INVALID_REQUEST, outcome.message)
+            status = rs.failed_status(facts, outcome.reason, outcome.message)
             await self._write(key, obj, status, hours_matter=True)
             self._measure(uid, request.flavor, "failed")
             return
@@ -659,6 +663,9 @@ class AdmissionService:
         """
         settings = self.config.settings
         state = self.cache.snapshot(utcnow(), settings)
+        refused = resources_refusal(request, state.topology)
+        if refused is not None:
+            return _Invalid(refused, RESOURCES_DO_NOT_FIT)
         ref = _run_ref(request, facts.generation)
         blocked: Blocked | None = None
         for width in widths(request):

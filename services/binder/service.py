@@ -289,7 +289,7 @@ class Binder:
         self.options = options or BinderOptions()
         self.cache = ClusterCache(
             api,
-            kinds=("nodes", "budgets", "runs", "reservations", "leases"),
+            kinds=("nodes", "budgets", "runs", "reservations", "leases", "pods"),
             gpu_resource=self.options.gpu_resource,
         )
         self.pods = Informer(api, PODS, label_selector=LABEL_RUN)

@@ -30,6 +30,7 @@ from services.kubectl_runs.config import ConfigError, client_kubeconfig, default
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
 from shared.cli.documents import MAX_INPUT_BYTES, DocumentError, parse_documents
+from shared.kube.cache import HOLDING_PODS
 from shared.kube.client import APPLY_PATCH, DEFAULT_TIMEOUT, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
@@ -534,7 +535,10 @@ async def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
     run = await find_run(ctx, args.run)
     namespace = views.namespace_of(run)
     reservations = await _list_optional(ctx, RESERVATIONS, namespace=namespace)
-    record = views.plan_record(run, views.pick_reservation(run, reservations), ctx.now())
+    nodes = await _list_optional(ctx, NODES)
+    pods = await _list_optional(ctx, PODS, field_selector=HOLDING_PODS) if nodes else []
+    excluded = views.excluded_record(run, nodes, pods)
+    record = views.plan_record(run, views.pick_reservation(run, reservations), ctx.now(), excluded)
     ctx.emit(record, lambda: render.plan(record, ctx.width))
     return 0
 

@@ -196,6 +196,22 @@ def plan(record: Mapping[str, Any], width: int = 120) -> str:
                     table(["RUN", "KILL-P"], rows, width=width, indent=2),
                 )
             )
+    excluded = record.get("excludedNodes") or []
+    if excluded:
+        rows = [
+            [
+                e["domain"],
+                f"{e['excluded']} of {e['nodes']}",
+                ", ".join(f"{why} {count}" for why, count in e["reasons"].items()),
+            ]
+            for e in excluded
+        ]
+        out.append(
+            _section(
+                "Excluded nodes (take none of its ranks), per domain:",
+                table(["DOMAIN", "NODES", "WHY"], rows, width=width, indent=2),
+            )
+        )
     conds = record.get("conditions") or []
     if conds:
         rows = [[c["type"], c["status"], c.get("reason"), c.get("message")] for c in conds]

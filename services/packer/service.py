@@ -187,7 +187,7 @@ class Packer:
         self.options = options or PackerOptions()
         self.cache = ClusterCache(
             api,
-            kinds=("nodes", "leases", "reservations", "runs"),
+            kinds=("nodes", "leases", "reservations", "runs", "pods"),
             gpu_resource=self.options.gpu_resource,
         )
         self.health = HealthState()

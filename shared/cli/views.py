@@ -25,9 +25,13 @@ from shared.api.common import OWNER_PATTERN
 from shared.api.lease import LABEL_NAMESPACE, LABEL_RUN, label_value
 from shared.engine import lottery
 from shared.engine.accounting import cap_headroom, headroom, run_funding, usage_from_ledger
+from shared.engine.exclusions import excluded_nodes
 from shared.engine.model import DOMAIN_LABELS, RunKey
 from shared.engine.model import Budget as BudgetRecord
 from shared.engine.model import Lease as LeaseRecord
+from shared.engine.model import Node as NodeRecord
+from shared.engine.topology import PodChange, Topology
+from shared.kube.resources import object_key
 from shared.kube.translate import (
     LABEL_FUNDING,
     LABEL_GROUP,
@@ -36,6 +40,9 @@ from shared.kube.translate import (
     budget_record,
     comp_position,
     lease_record,
+    node_record,
+    pod_usage,
+    run_request,
 )
 
 Obj = Mapping[str, Any]
@@ -445,9 +452,43 @@ def reservation_record(resv: Obj, now: datetime) -> Record:
     }
 
 
-def plan_record(run: Obj, reservation: Obj | None, now: datetime) -> Record:
+def excluded_record(run: Obj, nodes: Iterable[Obj], pods: Iterable[Obj]) -> list[Record]:
+    """Per domain of the Run's flavor and location: how many nodes take none of its ranks and
+    why (``shared.engine.exclusions``), from the Nodes and the bound, non-terminal Pods."""
+    try:
+        request = run_request(run)
+    except TranslateError:
+        return []
+    records: list[NodeRecord] = []
+    for obj in nodes:
+        try:
+            record = node_record(obj)
+        except TranslateError:
+            continue
+        if isinstance(record, NodeRecord):
+            records.append(record)
+    uses: list[PodChange] = []
+    for pod in pods:
+        used = pod_usage(dict(pod))
+        if used is not None:
+            uses.append((object_key(pod), used[0], used[1]))
+    topology = Topology.build(records, (), uses)
+    return [
+        {
+            "domain": "/".join(domain),
+            "nodes": total,
+            "excluded": sum(reasons.values()),
+            "reasons": dict(reasons),
+        }
+        for domain, (total, reasons) in excluded_nodes(request, topology).items()
+    ]
+
+
+def plan_record(
+    run: Obj, reservation: Obj | None, now: datetime, excluded: list[Record] | None = None
+) -> Record:
     """``kubectl runs plan``: phase and typed reason; the forecast when Reserved; width and
-    funding when Running."""
+    funding when Running; the nodes its ranks cannot use, per domain (``excluded_record``)."""
     status = as_map(run.get("status"))
     phase = as_str(status.get("phase"))
     record: Record = {
@@ -461,6 +502,7 @@ def plan_record(run: Obj, reservation: Obj | None, now: datetime) -> Record:
         "conditions": conditions(run),
         "atRisk": at_risk(run),
         "reservation": None if reservation is None else reservation_record(reservation, now),
+        "excludedNodes": excluded or [],
     }
     if phase in ("Running", *TERMINAL_PHASES) or status.get("width"):
         record["width"] = width_record(run)

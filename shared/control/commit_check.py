@@ -29,14 +29,17 @@ from shared.bus.messages import CommitRequest
 from shared.engine.accounting import Meter, Usage, usage_from_ledger
 from shared.engine.admit import claim_protection
 from shared.engine.bindplan import LeaseIntent, PodIntent, pod_name
+from shared.engine.capacity import Exclusion, Load, exclusion, short_resource, slots
 from shared.engine.cover import _hours_left, window_allows
 from shared.engine.fill import spare_room
 from shared.engine.model import (
+    NO_NEEDS,
     AggregateCap,
     Envelope,
     FundingKind,
     Lease,
     LeaseReason,
+    Node,
     ReservationClaim,
     Role,
     RunKey,
@@ -70,6 +73,7 @@ class ConflictReason(StrEnum):
     LENDING_LIMIT = "LendingLimit"
     AGGREGATE_CAP = "AggregateCap"
     PROTECTED = "ProtectedReservation"
+    POD_FIT = "PodDoesNotFit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,14 +291,19 @@ def _check_nodes(
                 f"node {name} has {room} unfilled spare GPUs of other runs; "
                 f"the commit borrows {fill}",
             )
+        load = state.topology.load(name)
         before = occupancy(by_node.get(name, ()))
         after = occupancy((*by_node.get(name, ()), *new_by_node[name]))
-        if after > node.gpus:
+        if after + load.gpus > node.gpus:
+            others = f" and {load.gpus} by other pods" if load.gpus else ""
             return Rejection(
                 ConflictReason.NODE_CAPACITY,
-                f"node {name} has {node.gpus} GPUs, {before} held; "
+                f"node {name} has {node.gpus} GPUs, {before} held{others}; "
                 f"the commit needs {after - before} more",
             )
+        misfit = _pod_misfit(node, load, new_by_node[name], state)
+        if misfit is not None:
+            return Rejection(ConflictReason.POD_FIT, misfit)
         if after > before and claims:
             protected = _protected_on(name, new_by_node[name], claims, state)
             if after + protected > node.gpus:
@@ -303,6 +312,25 @@ def _check_nodes(
                     f"node {name}: {protected} of its {node.gpus} GPUs are promised to a "
                     f"Reservation, {before} held; the commit needs {after - before} more",
                 )
+    return None
+
+
+def _pod_misfit(node: Node, load: Load, new: Sequence[Lease], state: ClusterState) -> str | None:
+    """Why the rank pods the new working leases start on ``node`` would be refused by its
+    kubelet (taints, the template's selectors, CPU/memory/storage/pod slots after the node's other
+    pods), judged on the Run as the binder's own cache knows it; None when they fit."""
+    ranks: dict[RunKey, set[int]] = {}
+    for lease in new:
+        if lease.rank >= 0 and lease.role is not Role.SPARE:
+            ranks.setdefault(lease.run, set()).add(lease.rank)
+    for run, started in sorted(ranks.items()):
+        request = state.runs.get(run)
+        needs = request.pod if request is not None else NO_NEEDS
+        why = exclusion(node, load, needs)
+        if why is None and len(started) > slots(node.capacity, load, needs):
+            why = short_resource(node.capacity, load, needs) or Exclusion.PODS
+        if why is not None:
+            return f"node {node.name}: a rank pod of {run[0]}/{run[1]} does not fit ({why})"
     return None
 
 

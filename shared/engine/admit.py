@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from shared.engine.accounting import Usage
+from shared.engine.capacity import never_fits
 from shared.engine.cover import CoverDenied, cover
-from shared.engine.model import ReservationClaim, RunRequest
+from shared.engine.model import ReservationClaim, RunRequest, selector_matches
 from shared.engine.offers import Funding
 from shared.engine.pack import NoFit, Placement, pack
 from shared.engine.state import ClusterState
@@ -86,6 +87,18 @@ def claim_protection(
         for node_name, gpus in _spread(claim, sizes).items():
             protected[node_name] = protected.get(node_name, 0) + gpus
     return protected
+
+
+def resources_refusal(request: RunRequest, topology: Topology) -> str | None:
+    """``ResourcesDoNotFit: …`` when no node of the Run's flavor and location could hold one of
+    its rank pods even empty: no wait would ever start it, so it is refused at once."""
+    nodes = (
+        node
+        for domain in topology.domains(request.flavor)
+        for node in topology.nodes_in(request.flavor, domain)
+        if selector_matches(request.selector, node.labels)
+    )
+    return never_fits(request.pod, request.flavor, nodes)
 
 
 def try_start(

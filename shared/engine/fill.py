@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from shared.engine.model import Lease, Role, RunKey
 from shared.engine.pack import GroupPlacement, Placement
-from shared.engine.topology import Topology
+from shared.engine.topology import PodChange, Topology
 
 
 def spare_room(leases: Iterable[Lease], run: RunKey) -> dict[str, int]:
@@ -43,13 +43,19 @@ def fill_topology(topology: Topology, leases: Iterable[Lease], run: RunKey) -> T
     """The nodes of ``topology`` holding spare room for ``run``, each as big as that room.
 
     Nodes the topology does not know are skipped; unschedulable ones stay (pack skips them).
+    The nodes keep their pods' CPU, memory and pod slots (a fill rank is a pod like any other);
+    their GPUs are not subtracted again: spare room is room inside GPUs leases already hold.
     """
     nodes = []
+    pods: list[PodChange] = []
     for name, gpus in spare_room(leases, run).items():
         node = topology.node(name)
         if node is not None:
             nodes.append(dataclasses.replace(node, gpus=gpus))
-    return Topology.build(nodes)
+            pods.extend(
+                (key, name, (0, u[1], u[2], u[3])) for key, u in topology.pods_on(name).items()
+            )
+    return Topology.build(nodes, pods=pods)
 
 
 def as_fill(placement: Placement) -> Placement:

@@ -79,6 +79,73 @@ class CoverFailure(StrEnum):
     BORROW_LIMIT = "BorrowLimit"
 
 
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+@dataclass(frozen=True, slots=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+    """A ``TaintEffect`` value; kept as text so an effect this code does not know stays visible."""
+
+
+@dataclass(frozen=True, slots=True)
+class Toleration:
+    """A pod's toleration; empty ``key`` with ``Exists`` tolerates every taint (of ``effect``)."""
+
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""
+    """Empty: every effect."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCapacity:
+    """A node's allocatable resources besides GPUs (millicores, bytes, pod slots)."""
+
+    cpu: int
+    memory: int
+    ephemeral: int
+    pods: int
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One node-affinity match expression (or, with ``field``, a ``matchFields`` entry)."""
+
+    key: str
+    operator: str
+    """In, NotIn, Exists, DoesNotExist, Gt, Lt."""
+    values: tuple[str, ...] = ()
+    field: bool = False
+    """A ``matchFields`` requirement: ``key`` is ``metadata.name``, matched on the node name."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodNeeds:
+    """What one rank's pod asks of its node besides GPUs, from the Run's ``spec.template``.
+
+    ``cpu`` in millicores, ``memory``/``ephemeral`` in bytes, counted as Kubernetes counts a pod
+    (``shared.engine.capacity.pod_requests``); ``affinity`` is the required node affinity: any
+    term matches when all its requirements do (no terms: no constraint).
+    """
+
+    cpu: int = 0
+    memory: int = 0
+    ephemeral: int = 0
+    tolerations: tuple[Toleration, ...] = ()
+    node_selector: Selector = field(default_factory=dict)
+    affinity: tuple[tuple[Requirement, ...], ...] = ()
+
+
+NO_NEEDS = PodNeeds()
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     name: str
@@ -88,6 +155,10 @@ class Node:
     gpus: int
     ready: bool = True
     cordoned: bool = False
+    capacity: NodeCapacity | None = None
+    """Allocatable CPU, memory, ephemeral storage and pods; ``None`` only for engine-built
+    nodes that declare GPUs alone (every node read from the API server has one)."""
+    taints: tuple[Taint, ...] = ()
 
     @property
     def schedulable(self) -> bool:
@@ -176,6 +247,8 @@ class RunRequest:
     checkpoint: timedelta | None = None
     max_restarts: int = 0
     opportunistic: bool = False
+    pod: PodNeeds = NO_NEEDS
+    """What each rank's pod needs of its node besides GPUs (requests, tolerations, selectors)."""
 
 
 @dataclass(frozen=True, slots=True)

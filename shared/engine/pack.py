@@ -3,14 +3,17 @@
 Rules, in the order they bite:
 
 * Only nodes of the Run's flavor, schedulable, matching the Run's selector and at least one payer's
-  selector, minus GPUs protected for reservations, are candidates.
+  selector, minus GPUs protected for reservations, are candidates; a rank's pod must also fit the
+  node (``shared.engine.capacity``: other pods' requests, taints, the template's selectors), and a
+  node takes as many of the Run's ranks as its CPU, memory, storage and pod slots allow.
 * The gang is cut into groups (``groupGPUs``; else a malleable Run's ``stepGPUs``; else every node
   slice is its own group). Each group sits in one domain; the last fixed group may be smaller.
 * Pack-to-empty: a group goes to a domain the Run already uses, else where the earliest offer in
   cover order can pay, else the one with most free GPUs, else the smallest domain key. A domain that
   also holds the group's spares beats one that does not.
 * Inside a domain: whole nodes, largest free first (rack, then name, break ties); the remainder goes
-  to the tightest node that holds it, so big nodes stay whole for the next gang.
+  to the tightest node that holds it, so big nodes stay whole for the next gang. Nodes with an
+  untolerated ``PreferNoSchedule`` taint come after all others.
 * Each slice is paid by offers in cover order whose selector matches the node, within every offer's
   GPUs and shared caps; a slice two offers pay becomes two ``PlacedSlice`` entries.
 * No partial gang: all groups fit or the result is ``NoFit`` with a typed reason and the numbers.
@@ -23,13 +26,14 @@ planning 1,024 GPUs on 10,000 nodes costs milliseconds (see ``bench/bench_pack.p
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import chain
 from types import MappingProxyType
 from typing import TypeGuard
 
+from shared.engine.capacity import NO_LOAD, disfavoured, exclusion, slots
 from shared.engine.model import (
     DOMAIN_LABELS,
     FLAVOR_LABEL,
@@ -37,6 +41,7 @@ from shared.engine.model import (
     DomainKey,
     FundingKind,
     Node,
+    PodNeeds,
     Role,
     RunRequest,
     Selector,
@@ -208,6 +213,15 @@ def _sort_key(c: _Cand) -> tuple[int, str, str]:
     return (-c[2], c[0].labels.get(RACK_LABEL, ""), c[0].name)
 
 
+def _last_resort_key(needs: PodNeeds) -> Callable[[_Cand], tuple[bool, int, str, str]]:
+    """``_sort_key`` with nodes the Run's pods would rather avoid (PreferNoSchedule) last."""
+
+    def key(c: _Cand) -> tuple[bool, int, str, str]:
+        return (disfavoured(c[0], needs), -c[2], c[0].labels.get(RACK_LABEL, ""), c[0].name)
+
+    return key
+
+
 def _static_pick(avails: Sequence[int], need: int) -> list[tuple[int, int]]:
     """Whole nodes largest-first; the remainder goes to the tightest node that holds it.
 
@@ -260,6 +274,13 @@ class _Packer:
         )
         self.per_node_payers = any(self.sels[i].node for i in usable)
         self.per_node = bool(self.req.node) or self.per_node_payers
+        self.needs = request.pod
+        self.picky = bool(self.needs.node_selector or self.needs.affinity)
+        """The template narrows nodes by label: every node is checked."""
+        self.uniform: dict[DomainKey, bool] = {}
+        self.slot_counts: dict[str, int] = {}
+        self.ranks_on: dict[str, int] = {}
+        """Ranks (pods) this plan has put on each node: their CPU/memory count too."""
         self.taken: dict[str, int] = {}
         self.undo: list[tuple[int, object, int]] = []
         self.used: set[DomainKey] = set()
@@ -285,7 +306,7 @@ class _Packer:
             free = free_index[dom]
             if free <= 0:
                 continue
-            if self.per_node:
+            if self.per_node or not self._uniform(dom):
                 room = self._room(dom, (n for n, _ in self._nodes(dom, ps)))
             else:
                 room = free - prot.get(dom, 0)
@@ -297,6 +318,35 @@ class _Packer:
         self._dirty = True
 
     # ---- capacity
+
+    def _uniform(self, dom: DomainKey) -> bool:
+        """Every schedulable node of the domain takes a rank pod (no taint, enough room left):
+        the domain's free-GPU index then holds as it is and no node needs checking."""
+        known = self.uniform.get(dom)
+        if known is None:
+            floor = self.topology.floor(self.flavor, dom)
+            known = not self.picky and not floor.tainted
+            if known and floor.room is not None:
+                known = slots(floor.room, NO_LOAD, self.needs) >= 1
+            self.uniform[dom] = known
+        return known
+
+    def _fits(self, node: Node) -> bool:
+        """A rank pod of this Run may go on the node (taints, selectors, resources)."""
+        return exclusion(node, self.topology.load(node.name), self.needs) is None
+
+    def _slots(self, node: Node) -> int:
+        """Rank pods of this Run the node can hold besides what it already runs."""
+        known = self.slot_counts.get(node.name)
+        if known is None:
+            known = slots(node.capacity, self.topology.load(node.name), self.needs)
+            self.slot_counts[node.name] = known
+        return known
+
+    def _eligible(self, dom: DomainKey) -> list[Node]:
+        """Nodes of the domain the Run's selector and pod needs allow, whoever pays."""
+        nodes = self.req.schedulable(self.topology.nodes_in(self.flavor, dom))
+        return nodes if self._uniform(dom) else [n for n in nodes if self._fits(n)]
 
     def _protected_by_domain(self) -> dict[DomainKey, int]:
         """GPUs protected per domain, counting only what is really free on each node."""
@@ -316,9 +366,14 @@ class _Packer:
             return sum(free[n.name] for n in nodes)
         return sum(max(0, free[n.name] - prot.get(n.name, 0) - taken.get(n.name, 0)) for n in nodes)
 
-    def _avail(self, node: Node) -> int:
-        free = self.topology.free(node.name)
-        return max(0, free - self.protected.get(node.name, 0) - self.taken.get(node.name, 0))
+    def _avail(self, node: Node, pods: bool = True) -> int:
+        """GPUs this plan may still take on the node; with ``pods``, as a new rank's pod, which
+        needs a pod's worth of room left after the ranks already planned there."""
+        name = node.name
+        if pods and self.ranks_on.get(name) and self.ranks_on[name] >= self._slots(node):
+            return 0
+        free = self.topology.free(name)
+        return max(0, free - self.protected.get(name, 0) - self.taken.get(name, 0))
 
     def _nodes(
         self, dom: DomainKey, payers: tuple[int, ...] | None = None
@@ -329,7 +384,7 @@ class _Packer:
             return cached
         ps = self.payers[dom] if payers is None else payers
         out: list[tuple[Node, tuple[int, ...]]] = []
-        for node in self.req.schedulable(self.topology.nodes_in(self.flavor, dom)):
+        for node in self._eligible(dom):
             node_ps = (
                 tuple(i for i in ps if self.sels[i].node_ok(node)) if self.per_node_payers else ps
             )
@@ -338,13 +393,18 @@ class _Packer:
         self.node_cache[dom] = out
         return out
 
-    def _candidates(self, dom: DomainKey, exclude: Collection[str] = ()) -> list[_Cand]:
+    def _candidates(
+        self, dom: DomainKey, exclude: Collection[str] = (), pods: bool = True
+    ) -> list[_Cand]:
         cands = [
             (n, ps, a)
             for n, ps in self._nodes(dom)
-            if n.name not in exclude and (a := self._avail(n)) > 0
+            if n.name not in exclude and (a := self._avail(n, pods)) > 0
         ]
-        cands.sort(key=_sort_key)
+        if self.topology.floor(self.flavor, dom).disfavoured:
+            cands.sort(key=_last_resort_key(self.needs))
+        else:
+            cands.sort(key=_sort_key)
         return cands
 
     def physical_room(self) -> dict[DomainKey, int]:
@@ -362,10 +422,8 @@ class _Packer:
         for dom, free in self.topology.domains(self.flavor).items():
             if not self.req.domain_ok(dom):
                 continue
-            if self.req.node:
-                room = self._room(
-                    dom, self.req.schedulable(self.topology.nodes_in(self.flavor, dom))
-                )
+            if self.req.node or not self._uniform(dom):
+                room = self._room(dom, self._eligible(dom))
             else:
                 room = free - held.get(dom, 0)
             if room > 0:
@@ -430,6 +488,12 @@ class _Packer:
                     self.taken[key] = old
                 else:
                     self.taken.pop(key, None)
+            elif kind == 4:
+                assert isinstance(key, str)
+                if old:
+                    self.ranks_on[key] = old
+                else:
+                    self.ranks_on.pop(key, None)
             else:
                 assert isinstance(key, tuple)
                 self.cap[key] = old
@@ -442,9 +506,12 @@ class _Packer:
         self.undo.append((1, key, self.caps[key]))
         self.caps[key] = value
 
-    def _take(self, node: Node, gpus: int) -> None:
+    def _take(self, node: Node, gpus: int, pod: bool) -> None:
         self.undo.append((2, node.name, self.taken.get(node.name, 0)))
         self.taken[node.name] = self.taken.get(node.name, 0) + gpus
+        if pod:
+            self.undo.append((4, node.name, self.ranks_on.get(node.name, 0)))
+            self.ranks_on[node.name] = self.ranks_on.get(node.name, 0) + 1
         self.undo.append((3, node.domain, self.cap[node.domain]))
         self.cap[node.domain] -= gpus
         self.touched.add(node.domain)
@@ -488,16 +555,23 @@ class _Packer:
     # ---- filling
 
     def fill(
-        self, dom: DomainKey, need: int, *, exclude: Collection[str] = (), partial: bool = False
+        self,
+        dom: DomainKey,
+        need: int,
+        *,
+        exclude: Collection[str] = (),
+        partial: bool = False,
+        pods: bool = True,
     ) -> list[_Take] | None:
         """Take ``need`` paid GPUs in one domain, or ``None`` (state untouched).
 
-        With ``partial`` it takes what it can (possibly nothing) instead of failing.
+        With ``partial`` it takes what it can (possibly nothing) instead of failing. Each node
+        taken is one rank's pod unless ``pods`` is False (spares hold GPUs, they run no pod).
         """
         if need <= 0:
             return []
         mark = self.mark()
-        cands = self._candidates(dom, exclude)
+        cands = self._candidates(dom, exclude, pods)
         avails = [c[2] for c in cands]
         if sum(avails) >= need:
             takes: list[_Take] = []
@@ -506,7 +580,7 @@ class _Packer:
                 splits, unpaid = self._pay(payers, gpus)
                 if unpaid:
                     break
-                self._take(node, gpus)
+                self._take(node, gpus, pods)
                 takes.append((node, splits))
             else:
                 self._refresh_live()
@@ -521,7 +595,7 @@ class _Packer:
             splits, unpaid = self._pay(payers, min(avail, remaining))
             paid = min(avail, remaining) - unpaid
             if paid:
-                self._take(node, paid)
+                self._take(node, paid, pods)
                 takes.append((node, splits))
                 remaining -= paid
             if remaining == 0:
@@ -549,7 +623,10 @@ class _Packer:
                 room = self.cap.get(dom, 0)
                 if room <= 0:
                     break
-                got = self.fill(dom, min(remaining, room), exclude=exclude, partial=True) or []
+                got = (
+                    self.fill(dom, min(remaining, room), exclude=exclude, partial=True, pods=False)
+                    or []
+                )
                 takes.extend(got)
                 remaining -= sum(g for _, splits in got for _, g in splits)
                 if remaining == 0:

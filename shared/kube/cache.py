@@ -2,10 +2,15 @@
 
 Each service decides on a :class:`ClusterState`. Rebuilding one from raw objects on every
 decision would cost O(cluster) each time, so the cache translates every change once, as it
-arrives, into the engine's views: an immutable :class:`Topology` advanced with
-``with_node``/``without_node``/``with_lease``, the ledger of Leases (closed ones stay: accounting
+arrives, into the engine's views: an immutable :class:`Topology` (built once from the records
+of the first lists, then advanced with ``with_node``/``without_node``/``with_lease``/
+``with_pods``), the ledger of Leases (closed ones stay: accounting
 needs their GPU-hours), Budgets (the Family index is rebuilt only when a Budget really changed),
 RunRequests and reservation claims. ``snapshot`` then only assembles them.
+
+Pods are watched in every namespace whatever the cache's scope (a node's capacity is shared by
+all of them), only bound and non-terminal ones (a field selector), each kept as a ``slim_pod``:
+its identity and counted requests, nothing else.
 
 ``version`` counts changes that altered those views (status-only updates and node heartbeats do
 not); a proposal carries the version it was computed on, so the binder can tell stale ones.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from types import MappingProxyType
 from typing import Literal
@@ -23,8 +28,9 @@ from typing import Literal
 from kubernetes_asyncio.client import ApiClient
 
 from shared.engine.accounting import Settled, usage_from_ledger
+from shared.engine.capacity import PodUse
 from shared.engine.family import Family
-from shared.engine.model import Budget, Lease, ReservationClaim, RunKey, RunRequest
+from shared.engine.model import Budget, Lease, Node, ReservationClaim, RunKey, RunRequest
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, Topology
 from shared.kube.informer import EventType, Informer, Listener, Obj
@@ -32,6 +38,7 @@ from shared.kube.resources import (
     BUDGETS,
     GPU_LEASES,
     NODES,
+    PODS,
     RESERVATIONS,
     RUNS,
     Resource,
@@ -45,12 +52,14 @@ from shared.kube.translate import (
     node_record,
     reservation_run_key,
     run_request,
+    slim_pod,
+    slim_usage,
 )
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["nodes", "budgets", "runs", "reservations", "leases"]
-KINDS: tuple[Kind, ...] = ("nodes", "budgets", "runs", "reservations", "leases")
+Kind = Literal["nodes", "budgets", "runs", "reservations", "leases", "pods"]
+KINDS: tuple[Kind, ...] = ("nodes", "budgets", "runs", "reservations", "leases", "pods")
 RESOURCES: Mapping[Kind, Resource] = MappingProxyType(
     {
         "nodes": NODES,
@@ -58,12 +67,23 @@ RESOURCES: Mapping[Kind, Resource] = MappingProxyType(
         "runs": RUNS,
         "reservations": RESERVATIONS,
         "leases": GPU_LEASES,
+        "pods": PODS,
     }
 )
+HOLDING_PODS = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+"""Pods that can hold node capacity: bound and not terminal (one leaving the set is DELETED)."""
 
 
 def _name(obj: Obj) -> str:
     return str(obj["metadata"]["name"])
+
+
+def _pod_changes(items: Mapping[str, Obj]) -> Iterator[tuple[str, str, PodUse]]:
+    """(key, node, counted requests) of every cached slim pod that holds capacity."""
+    for key, obj in items.items():
+        used = slim_usage(obj)
+        if used is not None:
+            yield key, used[0], used[1]
 
 
 def _run_key(obj: Obj) -> RunKey:
@@ -89,7 +109,7 @@ class ClusterCache:
         node_selector: str | None = None,
     ) -> None:
         """``namespace`` limits Runs and Reservations; ``label_selector`` applies to every kind
-        (``node_selector`` replaces it for Nodes)."""
+        but Pods (``node_selector`` replaces it for Nodes)."""
         self._gpu_resource = gpu_resource
         handlers = {
             "nodes": self._on_node,
@@ -97,20 +117,31 @@ class ClusterCache:
             "runs": self._on_run,
             "reservations": self._on_reservation,
             "leases": self._on_lease,
+            "pods": self._on_pod,
         }
         self._informers: dict[Kind, Informer] = {}
         for kind in dict.fromkeys(kinds):
             resource = RESOURCES[kind]
-            selector = node_selector if kind == "nodes" and node_selector else label_selector
-            informer = Informer(
-                api,
-                resource,
-                namespace=namespace if resource.namespaced else None,
-                label_selector=selector,
-            )
+            if kind == "pods":
+                informer = Informer(
+                    api,
+                    resource,
+                    field_selector=HOLDING_PODS,
+                    transform=lambda obj: slim_pod(obj, resource=gpu_resource),
+                )
+            else:
+                selector = node_selector if kind == "nodes" and node_selector else label_selector
+                informer = Informer(
+                    api,
+                    resource,
+                    namespace=namespace if resource.namespaced else None,
+                    label_selector=selector,
+                )
             informer.add_listener(handlers[kind])
             self._informers[kind] = informer
-        self._topology = Topology.empty()
+        self._topology: Topology | None = None
+        """Built on first read from the records below; advanced event by event after that."""
+        self._nodes: dict[str, Node] = {}
         self._missing: dict[str, MissingLabels] = {}
         self._leases: dict[str, Lease] = {}
         self._run_leases: dict[RunKey, set[str]] = {}
@@ -165,6 +196,13 @@ class ClusterCache:
 
     @property
     def topology(self) -> Topology:
+        if self._topology is None:
+            pods = self._informers.get("pods")
+            self._topology = Topology.build(
+                self._nodes.values(),
+                self._unsettled.values(),
+                _pod_changes(pods.items if pods is not None else {}),
+            )
         return self._topology
 
     @property
@@ -232,7 +270,7 @@ class ClusterCache:
         )
         return ClusterState(
             now=now,
-            topology=self._topology,
+            topology=self.topology,
             family=self._family,
             ledger=self._ledger,
             usage=usage,
@@ -243,10 +281,11 @@ class ClusterCache:
 
     # ------------------------------------------------------------------ event handlers
 
-    def _set_topology(self, topology: Topology) -> None:
-        if topology is not self._topology:
-            self._topology = topology
-            self._version += 1
+    def _edit(self, change: Callable[[Topology], Topology]) -> None:
+        """Apply a change to the built topology (before the first read the records suffice)."""
+        if self._topology is not None:
+            self._topology = change(self._topology)
+        self._version += 1
 
     def _on_node(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         name = _name(obj)
@@ -263,9 +302,11 @@ class ClusterCache:
         else:
             self._missing.pop(name, None)
         if record is None or isinstance(record, MissingLabels):
-            self._set_topology(self._topology.without_node(name))
-        elif self._topology.node(name) != record:
-            self._set_topology(self._topology.with_node(record))
+            if self._nodes.pop(name, None) is not None:
+                self._edit(lambda t: t.without_node(name))
+        elif self._nodes.get(name) != record:
+            self._nodes[name] = record
+            self._edit(lambda t: t.with_node(record))
 
     def _on_lease(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         name = _name(obj)
@@ -285,13 +326,15 @@ class ClusterCache:
             self._run_leases[prev.run].discard(name)
             if not self._run_leases[prev.run]:
                 del self._run_leases[prev.run]
-            topology = topology.without_lease(prev)
+            if topology is not None:
+                topology = topology.without_lease(prev)
             self._settled.discard(name)
             self._unsettled.pop(name, None)
         if lease is not None:
             self._leases[name] = lease
             self._run_leases.setdefault(lease.run, set()).add(name)
-            topology = topology.with_lease(lease)
+            if topology is not None:
+                topology = topology.with_lease(lease)
             if lease.end is None:
                 self._unsettled[name] = lease
             else:
@@ -300,6 +343,20 @@ class ClusterCache:
         self._ledger = None
         self._unsettled_view = None
         self._version += 1
+
+    def _on_pod(self, event: EventType, obj: Obj, old: Obj | None) -> None:
+        """The informer keeps the slim copies; the one replaced says what to take back."""
+        key = object_key(obj)
+        prev = slim_usage(old)
+        now = None if event == "DELETED" else slim_usage(obj)
+        if now == prev:
+            return
+        changes: list[tuple[str, str, PodUse | None]] = []
+        if prev is not None:
+            changes.append((key, prev[0], None))
+        if now is not None:
+            changes.append((key, now[0], now[1]))
+        self._edit(lambda t: t.with_pods(changes))
 
     def _on_budget(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         name = _name(obj)

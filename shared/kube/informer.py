@@ -37,6 +37,9 @@ Listener = Callable[[EventType, Obj, Obj | None], Awaitable[None] | None]
 """``(event, obj, old)``: ``old`` is the cached object the event replaces (None for ADDED); for
 DELETED ``obj`` is the object's final (or last known) state."""
 Change = tuple[EventType, Obj, Obj | None]
+Transform = Callable[[Obj], Obj]
+"""Reduces each object before it is cached (e.g. a Pod to the few fields capacity needs); the
+result must keep ``metadata`` name, namespace, uid and resourceVersion."""
 
 
 def _version(obj: Mapping[str, Any]) -> str | None:
@@ -107,6 +110,7 @@ class Informer:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        transform: Transform | None = None,
         watch_timeout: int = 300,
         page_size: int = 500,
         min_backoff: float = 0.2,
@@ -120,6 +124,7 @@ class Informer:
             self._selectors.append(("labelSelector", label_selector))
         if field_selector:
             self._selectors.append(("fieldSelector", field_selector))
+        self._transform = transform
         self._watch_timeout = watch_timeout
         self._page_size = page_size
         self._min_backoff = min_backoff
@@ -218,7 +223,7 @@ class Informer:
         meta = obj.get("metadata")
         if isinstance(meta, dict):
             meta.pop("managedFields", None)
-        return obj
+        return obj if self._transform is None else self._transform(obj)
 
     def _keyed(self, objects: list[Any]) -> Iterator[tuple[str, Obj]]:
         for obj in objects:
@@ -319,7 +324,7 @@ class Informer:
         except ValueError as exc:
             log.warning("%s: malformed %s event skipped (%s)", self._what, kind, exc)
             return
-        self._normalise(obj)
+        obj = self._normalise(obj)
         version = _version(obj)
         prev = self._items.get(key)
         if kind == "DELETED":

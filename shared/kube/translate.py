@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -45,8 +46,9 @@ from shared.api.lease import (
 )
 from shared.engine import model as m
 from shared.engine.bindplan import LeaseIntent, PodIntent
+from shared.engine.capacity import NO_USE, PodUse, Use, parse_quantity, pod_requests, whole
 from shared.engine.deficit import min_demand
-from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, node_from_labels
+from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, node_from_labels, pod_use
 
 LABEL_FUNDING = f"{GROUP}/funding"
 LABEL_RUN_UID = f"{GROUP}/run-uid"
@@ -62,7 +64,6 @@ ANNOTATION_CAPACITY_HOLD = f"{GROUP}/capacity-hold"
 HOLD_IMAGE = "registry.k8s.io/pause:3.10"
 HOLD_CONTAINER = "capacity-hold"
 MASTER_PORT = 29500
-KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 _CLAIMING = (None, ReservationState.PENDING, ReservationState.ACTIVE)
 _POSITION = re.compile(r"^(GROUP|RANK|SPARE)\[([0-9]+)\]$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -114,10 +115,41 @@ def _parse(model: type[_K], obj: Obj) -> _K:
 # ---------------------------------------------------------------------------- API → engine
 
 
+def _amount(values: Mapping[str, Any], name: str) -> int:
+    """One resource of a node's allocatable in its base unit (CPU in millicores); absent or
+    malformed is 0, as the kubelet treats a resource it does not report."""
+    amount = parse_quantity(values.get(name))
+    if amount is None or amount < 0:
+        return 0
+    return whole(amount, 1000) if name == "cpu" else int(amount)
+
+
+def node_capacity(allocatable: Mapping[str, Any]) -> m.NodeCapacity:
+    """A node's allocatable CPU, memory, ephemeral storage and pod slots."""
+    return m.NodeCapacity(
+        cpu=_amount(allocatable, "cpu"),
+        memory=_amount(allocatable, "memory"),
+        ephemeral=_amount(allocatable, "ephemeral-storage"),
+        pods=_amount(allocatable, "pods"),
+    )
+
+
+def _taints(spec: Mapping[str, Any]) -> tuple[m.Taint, ...]:
+    out = []
+    for taint in spec.get("taints") or ():
+        if isinstance(taint, Mapping) and isinstance(taint.get("key"), str):
+            out.append(
+                m.Taint(str(taint["key"]), str(taint.get("value") or ""), str(taint.get("effect")))
+            )
+    return tuple(out)
+
+
 def node_record(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> m.Node | MissingLabels:
-    """A Node: Ready condition True → ready, ``spec.unschedulable`` → cordoned, GPUs allocatable."""
+    """A Node: Ready condition True → ready, ``spec.unschedulable`` → cordoned, GPUs and the rest
+    of its allocatable, its taints."""
     meta = _meta(obj)
     status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
     conditions = status.get("conditions") or []
     ready = any(
         isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
@@ -130,8 +162,193 @@ def node_record(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> m.Node | M
         {k: str(v) for k, v in allocatable.items()},
         resource=resource,
         ready=ready,
-        cordoned=bool((obj.get("spec") or {}).get("unschedulable")),
+        cordoned=bool(spec.get("unschedulable")),
+        capacity=node_capacity(allocatable),
+        taints=_taints(spec),
     )
+
+
+def _request(
+    resources: Mapping[str, Any], name: str, where: str, *, strict: bool, scale: int = 1
+) -> int:
+    """A container's request of one resource (its limit when no request is given, as the API
+    server defaults it). ``strict``: a malformed value is an error naming the field."""
+    for section in ("requests", "limits"):
+        values = resources.get(section)
+        if isinstance(values, Mapping) and name in values:
+            amount = parse_quantity(values[name])
+            if amount is None or amount < 0:
+                if strict:
+                    raise TranslateError(f"{where}.resources.{section}.{name}: bad quantity")
+                return 0
+            return whole(amount, scale)
+    return 0
+
+
+def _use(resources: object, gpu: str, where: str, *, strict: bool) -> Use:
+    if not isinstance(resources, Mapping):
+        return NO_USE
+    return (
+        _request(resources, gpu, where, strict=strict),
+        _request(resources, "cpu", where, strict=strict, scale=1000),
+        _request(resources, "memory", where, strict=strict),
+        _request(resources, "ephemeral-storage", where, strict=strict),
+    )
+
+
+def _containers(spec: Mapping[str, Any], field: str) -> list[Mapping[str, Any]]:
+    items = spec.get(field) or []
+    return [c for c in items if isinstance(c, Mapping)] if isinstance(items, list) else []
+
+
+def pod_spec_requests(
+    spec: Mapping[str, Any], *, resource: str = DEFAULT_GPU_RESOURCE, where: str, strict: bool
+) -> Use:
+    """What a pod spec asks of its node, counted as Kubernetes counts it (init steps, sidecars,
+    overhead): ``(GPUs, CPU millicores, memory bytes, ephemeral bytes)``."""
+    containers = [
+        _use(c.get("resources"), resource, f"{where}.containers[{i}]", strict=strict)
+        for i, c in enumerate(_containers(spec, "containers"))
+    ]
+    init = [
+        (
+            _use(c.get("resources"), resource, f"{where}.initContainers[{i}]", strict=strict),
+            c.get("restartPolicy") == "Always",
+        )
+        for i, c in enumerate(_containers(spec, "initContainers"))
+    ]
+    overhead = spec.get("overhead")
+    extra = _use({"requests": overhead}, resource, f"{where}.overhead", strict=strict)
+    return pod_requests(containers, init, extra)
+
+
+def _tolerations(spec: Mapping[str, Any], where: str) -> tuple[m.Toleration, ...]:
+    out = []
+    for i, tol in enumerate(spec.get("tolerations") or ()):
+        if not isinstance(tol, Mapping):
+            raise TranslateError(f"{where}.tolerations[{i}]: not an object")
+        operator = str(tol.get("operator") or "Equal")
+        if operator not in ("Equal", "Exists"):
+            raise TranslateError(f"{where}.tolerations[{i}].operator: {operator!r}")
+        out.append(
+            m.Toleration(
+                key=str(tol.get("key") or ""),
+                operator=operator,
+                value=str(tol.get("value") or ""),
+                effect=str(tol.get("effect") or ""),
+            )
+        )
+    return tuple(out)
+
+
+_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
+
+
+def _affinity(spec: Mapping[str, Any], where: str) -> tuple[tuple[m.Requirement, ...], ...]:
+    """Required node affinity terms (``requiredDuringSchedulingIgnoredDuringExecution``)."""
+    node_affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    required = node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = []
+    path = f"{where}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    for t, term in enumerate(required.get("nodeSelectorTerms") or ()):
+        reqs = []
+        for kind, is_field in (("matchExpressions", False), ("matchFields", True)):
+            for r, expr in enumerate((term or {}).get(kind) or ()):
+                at = f"{path}.nodeSelectorTerms[{t}].{kind}[{r}]"
+                operator = (expr or {}).get("operator")
+                if operator not in _OPERATORS or not isinstance(expr.get("key"), str):
+                    raise TranslateError(f"{at}: needs a key and an operator in {_OPERATORS}")
+                values = tuple(str(v) for v in expr.get("values") or ())
+                reqs.append(m.Requirement(expr["key"], operator, values, is_field))
+        terms.append(tuple(reqs))
+    return tuple(terms)
+
+
+def pod_needs(template: object) -> m.PodNeeds:
+    """What each rank's pod built from a Run's ``spec.template`` needs of its node besides GPUs.
+
+    GPUs are left out: the binder sets them per rank from the placement. A malformed quantity,
+    toleration or affinity term is a TranslateError naming the field.
+    """
+    if not isinstance(template, Mapping):
+        return m.NO_NEEDS
+    spec = template.get("spec")
+    if not isinstance(spec, Mapping):
+        return m.NO_NEEDS
+    where = "spec.template.spec"
+    _, cpu, memory, ephemeral = pod_spec_requests(spec, where=where, strict=True)
+    selector = spec.get("nodeSelector") or {}
+    if not isinstance(selector, Mapping):
+        raise TranslateError(f"{where}.nodeSelector: not a map")
+    needs = m.PodNeeds(
+        cpu=cpu,
+        memory=memory,
+        ephemeral=ephemeral,
+        tolerations=_tolerations(spec, where),
+        node_selector=MappingProxyType({str(k): str(v) for k, v in selector.items()}),
+        affinity=_affinity(spec, where),
+    )
+    return m.NO_NEEDS if needs == m.NO_NEEDS else needs
+
+
+_TERMINAL = ("Succeeded", "Failed")
+
+
+def jobtree_owned(meta: Mapping[str, Any]) -> bool:
+    """A pod whose controller is a Run: Jobtree's own, its GPUs are counted by its Lease."""
+    for ref in meta.get("ownerReferences") or ():
+        if (
+            isinstance(ref, Mapping)
+            and ref.get("controller")
+            and ref.get("kind") == "Run"
+            and str(ref.get("apiVersion") or "").startswith(f"{GROUP}/")
+        ):
+            return True
+    return False
+
+
+def pod_usage(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> tuple[str, PodUse] | None:
+    """(node, counted requests) of a pod that holds capacity; None when unbound or terminal.
+
+    Every pod counts CPU, memory, ephemeral storage and a pod slot; GPUs only when Jobtree did
+    not create it (its own pods' GPUs are their Leases', counted once by the topology).
+    """
+    spec = obj.get("spec") or {}
+    node = spec.get("nodeName")
+    phase = (obj.get("status") or {}).get("phase")
+    if not isinstance(node, str) or not node or phase in _TERMINAL:
+        return None
+    meta = obj.get("metadata") or {}
+    gpus, cpu, memory, ephemeral = pod_spec_requests(
+        spec, resource=resource, where="spec", strict=False
+    )
+    return node, (0 if jobtree_owned(meta) else gpus, cpu, memory, ephemeral)
+
+
+def slim_pod(obj: Obj, *, resource: str = DEFAULT_GPU_RESOURCE) -> dict[str, Any]:
+    """The little of a Pod a capacity cache keeps: identity and ``usage`` ((node, counted
+    requests) or None), so 100,000 pods cost about a kilobyte each, not several."""
+    meta = obj.get("metadata") or {}
+    used = pod_usage(obj, resource=resource)
+    if used is not None:  # node names and request shapes repeat: share them
+        used = (sys.intern(used[0]), pod_use(used[1]))
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta
+        },
+        "usage": used,
+    }
+
+
+def slim_usage(obj: Obj | None) -> tuple[str, PodUse] | None:
+    """The (node, counted requests) a ``slim_pod`` carries."""
+    usage = None if obj is None else obj.get("usage")
+    if not isinstance(usage, tuple) or len(usage) != 2:
+        return None
+    node, use = usage
+    return str(node), use
 
 
 def budget_record(obj: Obj) -> m.Budget:
@@ -218,6 +435,7 @@ def run_request(obj: Obj) -> m.RunRequest:
         checkpoint=parse_duration(runtime.checkpoint) if runtime and runtime.checkpoint else None,
         max_restarts=runtime.max_restarts if runtime else 0,
         opportunistic=spec.opportunistic,
+        pod=pod_needs((obj.get("spec") or {}).get("template")),
     )
 
 
@@ -441,14 +659,12 @@ def pod_manifest(
         kept = [e for e in container.get("env") or [] if e.get("name") not in ours]
         container["env"] = kept + env
     _set_gpus(containers, resource, intent.gpus)
-    tolerations = [t for t in spec.get("tolerations") or [] if t != KWOK_TOLERATION]
     spec.update(
         containers=containers,
         nodeName=intent.node,
         restartPolicy="Never",
         hostname=intent.name,
         subdomain=service_name,
-        tolerations=[*tolerations, dict(KWOK_TOLERATION)],
     )
     labels = {
         **_strings(tmeta, "labels"),

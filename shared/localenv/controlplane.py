@@ -168,7 +168,10 @@ class ControlPlane:
                 "--service-cluster-ip-range=10.96.0.0/16",
                 f"--token-auth-file={tokens}",
                 "--authorization-mode=RBAC",
-                "--disable-admission-plugins=ServiceAccount",
+                # No controller-manager runs here: nothing would create service accounts, nor
+                # lift the not-ready taint TaintNodesByCondition puts on every new node (Jobtree
+                # honours NoSchedule taints, so KWOK nodes would never take a rank).
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--v=1",

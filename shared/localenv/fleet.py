@@ -1,4 +1,9 @@
-"""Fake GPU nodes for KWOK, labelled with the topology keys Jobtree packs by."""
+"""Fake GPU nodes for KWOK, labelled with the topology keys Jobtree packs by.
+
+They carry no taint: the local control plane runs nothing but KWOK, so there is no real workload
+to keep off them, and Jobtree's pods carry only their template's tolerations (a test that wants a
+tainted node taints one itself).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,13 @@ def node_manifest(
     name: str, labels: Mapping[str, str], *, gpus: int = 8, resource: str = "nvidia.com/gpu"
 ) -> dict[str, Any]:
     """One KWOK-managed node advertising ``gpus`` allocatable GPUs."""
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", resource: str(gpus)}
+    capacity = {
+        "cpu": "64",
+        "memory": "512Gi",
+        "ephemeral-storage": "1Ti",
+        "pods": "110",
+        resource: str(gpus),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -21,7 +32,6 @@ def node_manifest(
             "annotations": {KWOK_ANNOTATION: "fake"},
             "labels": {"type": "kwok", "kubernetes.io/hostname": name, **labels},
         },
-        "spec": {"taints": [{"key": KWOK_ANNOTATION, "value": "fake", "effect": "NoSchedule"}]},
         "status": {"allocatable": capacity, "capacity": capacity},
     }
 

@@ -18,7 +18,7 @@ from shared.engine.state import Settings
 from shared.kube.cache import ClusterCache
 from shared.kube.client import make_client
 from shared.kube.informer import EventType, Obj
-from shared.kube.resources import BUDGETS, GPU_LEASES, NODES, RESERVATIONS, RUNS
+from shared.kube.resources import BUDGETS, GPU_LEASES, NODES, PODS, RESERVATIONS, RUNS
 from shared.kube.translate import ANNOTATION_GPUS, lease_manifest, rfc3339
 from shared.kube.writer import create, delete, patch_status
 from shared.localenv.controlplane import ControlPlane
@@ -286,3 +286,61 @@ async def test_status_only_updates_do_not_bump_the_version(
     await eventually(lambda: informer.resource_version != rv)
     await asyncio.sleep(0.2)
     assert cache.version == before
+
+
+@session_loop
+async def test_pods_bound_to_nodes_are_counted_from_a_slim_copy(
+    cache: ClusterCache, api: ApiClient, cluster: ControlPlane
+) -> None:
+    await create(api, NODES, gpu_node("cache-n3"))
+    await eventually(lambda: cache.topology.free("cache-n3") == 8)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cache-notebook", "namespace": NS, "labels": {"app": "notebook"}},
+        "spec": {
+            "nodeName": "cache-n3",
+            "initContainers": [
+                {"name": "fetch", "image": "pause", "resources": {"requests": {"cpu": "6"}}}
+            ],
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "pause",
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "3"},
+                        "limits": {"nvidia.com/gpu": "3"},
+                    },
+                }
+            ],
+        },
+    }
+    await create(api, PODS, pod)
+    await eventually(lambda: cache.topology.free("cache-n3") == 5)
+    load = cache.topology.load("cache-n3")
+    assert (load.gpus, load.cpu, load.memory, load.pods) == (3, 6000, 8 * 2**30, 1)
+    slim = cache.objects("pods")[f"{NS}/cache-notebook"]
+    assert set(slim) == {"apiVersion", "kind", "metadata", "usage"}, "only what capacity needs"
+    cluster.kubectl(
+        "wait",
+        "--for=jsonpath={.status.phase}=Running",
+        "pod/cache-notebook",
+        "-n",
+        NS,
+        "--timeout=60s",
+    )
+    cluster.kubectl(
+        "patch",
+        "pod",
+        "cache-notebook",
+        "-n",
+        NS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status": {"phase": "Succeeded"}}',
+    )
+    await eventually(lambda: cache.topology.free("cache-n3") == 8)
+    assert f"{NS}/cache-notebook" not in cache.objects("pods"), "terminal pods leave the watch"
+    cluster.kubectl("delete", "pod", "cache-notebook", "-n", NS, "--force", "--grace-period=0")
+    await delete(api, NODES, "cache-n3")

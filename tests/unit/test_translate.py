@@ -13,6 +13,7 @@ import yaml
 
 from shared.api import Lease as ApiLease
 from shared.api import parse_object
+from shared.engine import model as m
 from shared.engine.bindplan import BindIntent, PodIntent, bind_plan, to_leases
 from shared.engine.model import FundingKind, LeaseReason, Malleable, Role
 from shared.engine.offers import Funding
@@ -22,7 +23,6 @@ from shared.kube.translate import (
     ANNOTATION_CAPACITY_HOLD,
     ANNOTATION_EXPECTED_END,
     ANNOTATION_GPUS,
-    KWOK_TOLERATION,
     LABEL_FUNDING,
     LABEL_RUN_UID,
     TranslateError,
@@ -35,10 +35,13 @@ from shared.kube.translate import (
     node_record,
     parse_time,
     pod_manifest,
+    pod_usage,
     reservation_run_key,
     rfc3339,
     run_request,
     service_name,
+    slim_pod,
+    slim_usage,
 )
 
 from .engine.fleet import T0, envelope, node, offer, run, topo
@@ -456,7 +459,7 @@ def test_pod_from_template_is_bound_labelled_and_owned() -> None:
     ]
     assert (spec["nodeName"], spec["restartPolicy"]) == ("gpu-a-01", "Never")
     assert (spec["hostname"], spec["subdomain"]) == ("run-with-template-g0-r1", "run-with-template")
-    assert spec["tolerations"] == [KWOK_TOLERATION]
+    assert "tolerations" not in spec, "production pods carry only the template's tolerations"
     trainer, sidecar = spec["containers"]
     assert trainer["resources"] == {
         "requests": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"},
@@ -521,3 +524,80 @@ def test_times_round_trip_to_the_microsecond() -> None:
     assert rfc3339(at) == "2026-03-04T05:06:07.890123Z"
     assert parse_time(rfc3339(at)) == at
     assert parse_time("2026-03-04T05:06:07") == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------- capacity
+
+
+def test_node_capacity_and_taints_come_from_the_node() -> None:
+    obj = node_obj(
+        allocatable={
+            "cpu": "31500m",
+            "memory": "512Gi",
+            "ephemeral-storage": "1Ti",
+            "pods": "110",
+            "nvidia.com/gpu": "8",
+        }
+    )
+    obj["spec"]["taints"] = [{"key": "maintenance", "effect": "NoSchedule"}]
+    record = node_record(obj)
+    assert isinstance(record, m.Node)
+    assert record.capacity == m.NodeCapacity(31_500, 512 * 2**30, 2**40, 110)
+    assert record.taints == (m.Taint("maintenance", "", "NoSchedule"),)
+    bare = node_record(node_obj(allocatable={"nvidia.com/gpu": "8"}))
+    assert isinstance(bare, m.Node) and bare.capacity == m.NodeCapacity(0, 0, 0, 0)
+
+
+def test_a_run_template_gives_each_rank_pod_its_needs() -> None:
+    obj = run_obj()
+    spec = obj["spec"]["template"]["spec"]
+    spec["initContainers"] = [{"name": "fetch", "resources": {"limits": {"memory": "300Gi"}}}]
+    spec["tolerations"] = [{"key": "maintenance", "operator": "Exists", "effect": "NoSchedule"}]
+    spec["nodeSelector"] = {"nic": "cx7"}
+    spec["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gen", "operator": "In", "values": ["5"]}]}
+                ]
+            }
+        }
+    }
+    needs = run_request(obj).pod
+    assert (needs.cpu, needs.memory) == (32_000, 300 * 2**30), "init step beats containers"
+    assert needs.tolerations == (m.Toleration("maintenance", "Exists", "", "NoSchedule"),)
+    assert dict(needs.node_selector) == {"nic": "cx7"}
+    assert needs.affinity == ((m.Requirement("gen", "In", ("5",)),),)
+    spec["containers"][0]["resources"]["requests"]["memory"] = "lots"
+    with pytest.raises(TranslateError, match=r"containers\[0\]\.resources\.requests\.memory"):
+        run_request(obj)
+
+
+def test_pods_count_their_requests_and_foreign_gpus_only() -> None:
+    foreign = {
+        "metadata": {"name": "nb", "namespace": "lab", "uid": "u1", "resourceVersion": "7"},
+        "spec": {
+            "nodeName": "n1",
+            "containers": [
+                {"name": "c", "resources": {"requests": {"cpu": "2", "nvidia.com/gpu": "8"}}}
+            ],
+            "overhead": {"memory": "1Gi"},
+        },
+        "status": {"phase": "Running"},
+    }
+    assert pod_usage(foreign) == ("n1", (8, 2000, 2**30, 0))
+    ours = copy.deepcopy(foreign)
+    ours["metadata"]["ownerReferences"] = [
+        {"apiVersion": "rq.davidlangworthy.io/v1", "kind": "Run", "controller": True}
+    ]
+    assert pod_usage(ours) == ("n1", (0, 2000, 2**30, 0)), "its GPUs are its Lease's"
+    done = copy.deepcopy(foreign)
+    done["status"]["phase"] = "Succeeded"
+    assert pod_usage(done) is None
+    unbound = copy.deepcopy(foreign)
+    del unbound["spec"]["nodeName"]
+    assert pod_usage(unbound) is None
+    slim = slim_pod(foreign)
+    assert set(slim) == {"apiVersion", "kind", "metadata", "usage"}
+    assert slim["metadata"] == foreign["metadata"]
+    assert slim_usage(slim) == ("n1", (8, 2000, 2**30, 0))

@@ -292,6 +292,66 @@ def test_plan_hints_when_nothing_admitted_the_run() -> None:
     assert "not been admitted" in (record["hint"] or "")
 
 
+def node_obj(name: str, fabric: str, **spec: Any) -> dict[str, Any]:
+    alloc = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
+    labels = {
+        "region": "us-west",
+        "cluster": fabric.replace("nv-", "gpu-"),
+        "fabric.domain": fabric,
+        "gpu.flavor": "H100-80GB",
+    }
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+        "status": {"allocatable": alloc, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def test_plan_shows_the_nodes_its_ranks_cannot_use_per_domain() -> None:
+    run = run_obj(phase="Reserved")
+    run["spec"].setdefault("template", {"spec": {"containers": [{"name": "t"}]}})
+    run["spec"]["template"]["spec"]["containers"][0]["resources"] = {
+        "requests": {"memory": "100Gi"}
+    }
+    nodes = [
+        node_obj("gpu-a-01", "nv-a", taints=[{"key": "maintenance", "effect": "NoSchedule"}]),
+        node_obj("gpu-a-02", "nv-a"),
+        node_obj("gpu-a-03", "nv-a"),
+        node_obj("gpu-b-01", "nv-b", unschedulable=True),
+    ]
+    pods = [
+        {
+            "metadata": {"name": "notebook", "namespace": "lab"},
+            "spec": {
+                "nodeName": "gpu-a-02",
+                "containers": [{"resources": {"requests": {"nvidia.com/gpu": "8"}}}],
+            },
+            "status": {"phase": "Running"},
+        },
+        {
+            "metadata": {"name": "cache", "namespace": "lab"},
+            "spec": {
+                "nodeName": "gpu-a-03",
+                "containers": [{"resources": {"requests": {"memory": "480Gi"}}}],
+            },
+            "status": {"phase": "Running"},
+        },
+    ]
+    excluded = views.excluded_record(run, nodes, pods)
+    assert excluded == [
+        {
+            "domain": "us-west/gpu-a/nv-a",
+            "nodes": 3,
+            "excluded": 3,
+            "reasons": {"GPUs held by other pods": 1, "tainted": 1, "too little memory": 1},
+        },
+        {"domain": "us-west/gpu-b/nv-b", "nodes": 1, "excluded": 1, "reasons": {"cordoned": 1}},
+    ]
+    text = render.plan(views.plan_record(run, None, NOW, excluded))
+    assert "Excluded nodes (take none of its ranks), per domain:" in text
+    assert "GPUs held by other pods 1, tainted 1, too little memory 1" in text
+
+
 # ---------------------------------------------------------------------------- usage
 
 

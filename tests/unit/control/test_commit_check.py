@@ -33,9 +33,13 @@ from shared.engine.model import (
     LeaseReason,
     Lending,
     Node,
+    NodeCapacity,
+    PodNeeds,
     ReservationClaim,
     Role,
     RunKey,
+    RunRequest,
+    Taint,
 )
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import node_from_labels
@@ -711,3 +715,39 @@ def test_a_re_sent_start_and_a_swap_do_not_clash_with_their_own_leases() -> None
     failed = held("m0", "n1", 8, run=RUN)
     swap = commit([intent("m1", "n2", 8)], [pod(0, "n2")], ends=[("m0", "NodeFailure")])
     assert [i.name for i in accepted(plan_commit(swap, state([failed]))).creates] == ["m1"]
+
+
+# --------------------------------------------------------------------------- other pods, rank fit
+
+
+def test_gpus_of_pods_jobtree_did_not_create_count_against_the_node() -> None:
+    base = state()
+    crowded = replace(base, topology=base.topology.with_pods([("lab/nb", "n1", (4, 0, 0, 0))]))
+    result = rejected(plan_commit(commit([intent("l0", "n1", 8)], [pod(0)]), crowded))
+    assert result.reason is ConflictReason.NODE_CAPACITY
+    assert "node n1 has 8 GPUs, 0 held and 4 by other pods; the commit needs 8 more" in (
+        result.message
+    )
+    accepted(plan_commit(commit([intent("l0", "n1", 4)], [pod(0, gpus=4)]), crowded))
+
+
+def test_a_rank_pod_its_kubelet_would_refuse_is_rejected() -> None:
+    base = state()
+    n1 = base.topology.node("n1")
+    assert n1 is not None
+    capacity = NodeCapacity(cpu=64_000, memory=512 * 2**30, ephemeral=0, pods=110)
+    tainted = replace(n1, capacity=capacity, taints=(Taint("maintenance", "", "NoSchedule"),))
+    request = RunRequest(key=RUN, uid="uid", owner="org:a", flavor="H100", total_gpus=8)
+    on_tainted = replace(base, topology=base.topology.with_node(tainted), runs={RUN: request})
+    result = rejected(plan_commit(commit([intent("l0", "n1")], [pod(0)]), on_tainted))
+    assert result.reason is ConflictReason.POD_FIT
+    assert result.message == "node n1: a rank pod of ns/train does not fit (tainted)"
+    hungry = replace(request, pod=PodNeeds(memory=100 * 2**30))
+    full = replace(n1, capacity=capacity)
+    busy = base.topology.with_node(full).with_pods([("lab/db", "n1", (0, 0, 450 * 2**30, 0))])
+    result = rejected(
+        plan_commit(
+            commit([intent("l0", "n1")], [pod(0)]), replace(base, topology=busy, runs={RUN: hungry})
+        )
+    )
+    assert result.message == "node n1: a rank pod of ns/train does not fit (too little memory)"
