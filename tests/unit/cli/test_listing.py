@@ -147,7 +147,7 @@ def test_the_admission_default_comes_from_its_flag_or_env() -> None:
     assert admission_default(deployment(args=["--default-owner-globs=lab:*"])) == "lab:*"
     env = [{"name": "JOBTREE_DEFAULT_OWNER_GLOBS", "value": "org:ai:*"}]
     assert admission_default(deployment(env=env)) == "org:ai:*"
-    assert admission_default(deployment()) == "*"
+    assert admission_default(deployment()) == ""  # closed: no default owners
     other = {"spec": {"template": {"spec": {"containers": [{"command": ["nginx"]}]}}}}
     assert admission_default(other) is None
 
@@ -171,7 +171,7 @@ def test_owners_record_says_where_the_globs_come_from() -> None:
     assert "jobtree-system/jobtree-admission" in configured["source"]
     assert "budgetOwners" not in configured  # Budgets not readable: not guessed
     unknown = owners_record("x", None, [], None)
-    assert unknown["globs"] == ["*"] and "not visible" in unknown["source"]
+    assert unknown["globs"] == [] and "not visible" in unknown["source"]  # closed default
 
 
 def test_service_rows_find_split_and_combined_deployments() -> None:

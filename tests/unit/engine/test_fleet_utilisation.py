@@ -38,3 +38,9 @@ def test_unschedulable_nodes_keep_their_gpus_and_usage_and_overbooking_is_capped
 
 def test_an_empty_fleet_has_no_cells() -> None:
     assert fleet_cells(topo([], [])) == ()
+
+
+def test_gpus_of_pods_jobtree_did_not_create_count_as_in_use() -> None:
+    t = topo(domain_nodes("gpu-a", "nv-a", 2), [lease("nv-a-01", 2)])
+    t = t.with_pods([("notebooks/jupyter", "nv-a-02", (4, 1000, 2**30, 0))])
+    assert fleet_cells(t) == (FleetCell(FLAVOR, dom("gpu-a", "nv-a"), 16, 6),)
