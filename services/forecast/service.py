@@ -51,7 +51,7 @@ from shared.bus.process import serve_service
 from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
-from shared.engine.forecast import forecast, request_scope
+from shared.engine.forecast import forecast, reforecast_instead, request_scope
 from shared.engine.model import Role, RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
@@ -356,11 +356,29 @@ class Forecaster:
                 only_if_changed=True,
             )
         elif step is rv.Step.ACTIVATE:
+            if await self._reforecast(view, now):
+                return
             at = now.replace(microsecond=0)  # published in activatedAt; seeds the lottery
             await self._status(view, rv.active_status(view.status, at))
             self._spawn_activation(view, at)
         elif step is rv.Step.RETRY:
             self._spawn_activation(view, view.activated_at or now)
+
+    async def _reforecast(self, view: rv.ReservationView, now: datetime) -> bool:
+        """A conservative promise reached without room while walltimes now bound the wait:
+        cancel it with reason ``Reforecast`` (admission reserves the Run again at the honest
+        ETA) instead of activating and cutting other Runs. True when it did."""
+        request = self.cache.run_request(view.run)
+        if not view.managed or request is None or not rv.is_conservative(view):
+            return False
+        later = reforecast_instead(request, self.snapshot(now), view.name)
+        if later is None:
+            return False
+        reason, message = rv.reforecast_reason(*later)
+        await self._status(view, rv.canceled_status(view.status, now, reason, message))
+        metrics.REFORECASTS.inc()
+        log.info("reservation re-forecast", extra={"reservation": view.key, "detail": message})
+        return True
 
     def _facts(self, view: rv.ReservationView) -> rv.RunFacts | None:
         run_obj = self.cache.run_object(view.run)

@@ -26,7 +26,7 @@ from shared.api import GROUP, Reservation, ReservationState
 from shared.api.errors import ApiValidationError
 from shared.api.lease import LABEL_RUN, label_value
 from shared.bus.messages import RunRef
-from shared.engine.forecast import Forecast, min_demand
+from shared.engine.forecast import Confidence, Forecast, min_demand
 from shared.engine.model import DOMAIN_LABELS, DomainKey, RunKey, RunRequest
 from shared.engine.resolver import Remedies, Resolution, Scope
 from shared.engine.topology import Topology
@@ -495,6 +495,22 @@ class RunFacts:
 
 
 STARTED_EARLY = "StartedEarly"
+REFORECAST = "Reforecast"
+
+
+def is_conservative(view: ReservationView) -> bool:
+    """The published ETA was the configured lead, not an instant anything bounded."""
+    forecast = view.status.get("forecast") or {}
+    return forecast.get("confidence") == Confidence.CONSERVATIVE.value
+
+
+def reforecast_reason(at: datetime, confidence: Confidence) -> tuple[str, str]:
+    """(reason, message) of a conservative Reservation replaced by an honest ETA."""
+    return (
+        REFORECAST,
+        f"conservative ETA reached without room; {confidence.value} now bounds the wait at "
+        f"{rfc3339(at)}: re-forecast instead of cutting other Runs",
+    )
 
 
 def cancel_reason(view: ReservationView, run: RunFacts | None) -> tuple[str, str] | None:

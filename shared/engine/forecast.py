@@ -23,6 +23,7 @@ from shared.engine.model import (
     AggregateCap,
     FundingKind,
     Lease,
+    ReservationClaim,
     Role,
     RunRequest,
     selector_matches,
@@ -59,6 +60,9 @@ class Forecast:
     """The slice the Run would take at ``earliest_start`` (None when conservative)."""
     funding_scope_envelope: str | None = None
     """Set when the deficit is the owner's own envelope held by relatives or borrowers."""
+    open_claims: tuple[str, ...] = ()
+    """Claims in scope whose claimant has no walltime, held open-ended: the ETA waits behind
+    them as long as they last (said in the status so the user knows why)."""
 
     def countdown_seconds(self, now: datetime) -> int:
         return max(0, int((self.earliest_start - now).total_seconds()))
@@ -91,7 +95,7 @@ def _free_in(state: ClusterState, scope: Scope) -> int:
     return sum(state.topology.free(name) for name in scope.nodes or ())
 
 
-def _funding_scope(request: RunRequest, state: ClusterState) -> str | None:
+def funding_scope(request: RunRequest, state: ClusterState) -> str | None:
     """The owner's own envelope whose headroom relatives or borrowers hold, if any."""
     for envelope in state.family.envelopes_of(request.owner):
         if envelope.flavor != request.flavor:
@@ -150,23 +154,59 @@ class _Timeline:
         return None
 
 
-def _boundaries(request: RunRequest, state: ClusterState) -> list[datetime]:
-    """Instants where feasibility may jump either way: windows and earlier claims."""
+@dataclass(frozen=True, slots=True)
+class _Edges:
+    """Instants where feasibility may jump either way, and what each one is."""
+
+    instants: list[datetime]
+    """Sorted: window openings and closings, claim ends, last backfill instants before claims."""
+    opens: frozenset[datetime]
+    """Window openings: an ETA here is ``window-aligned``."""
+
+
+def _edges(request: RunRequest, state: ClusterState, own_claim: str | None) -> _Edges:
+    """Cut the horizon where something other than a lease end changes what fits.
+
+    A claim protects its GPUs over its whole interval (earliestStart to earliestStart + the
+    claimant's walltime, open-ended without one); a Run with walltime W may still backfill it
+    while it would end by the claim's start, i.e. up to earliestStart − W. Between two edges the
+    set of claims that bind the Run is constant, so only lease ends happen there.
+    """
     now, limit = state.now, state.now + state.settings.horizon
     bounds: set[datetime] = set()
+    opens: set[datetime] = set()
     for envelope in state.family.all_envelopes():
         if envelope.flavor != request.flavor:
             continue
         # A window that has not opened is something to wait for only when its preActivation
         # lets Runs hold reservations against it; its closing always changes what fits.
-        opens = envelope.start if envelope.reservations_before_start else None
-        for t in (opens, envelope.end):
+        opening = envelope.start if envelope.reservations_before_start else None
+        if opening is not None and now < opening <= limit:
+            bounds.add(opening)
+            opens.add(opening)
+        if envelope.end is not None and now < envelope.end <= limit:
+            bounds.add(envelope.end)
+    for claim in state.claims:
+        if claim.name == own_claim:
+            continue
+        candidates = [claim.end]
+        if request.max_duration is not None:
+            candidates.append(claim.earliest_start - request.max_duration)
+        for t in candidates:
             if t is not None and now < t <= limit:
                 bounds.add(t)
-    for claim in state.claims:
-        if now < claim.earliest_start <= limit:
-            bounds.add(claim.earliest_start)
-    return sorted(bounds)
+    return _Edges(sorted(bounds), frozenset(opens))
+
+
+def claims_at(
+    claims: Iterable[ReservationClaim], at: datetime, own_claim: str | None = None
+) -> tuple[ReservationClaim, ...]:
+    """Claims still holding GPUs at ``at``: all but the Run's own and those whose interval ended.
+
+    Claims that start after ``at`` stay: the backfill rule (``claim_protection``) lets the Run
+    use them only when its walltime ends before they start.
+    """
+    return tuple(c for c in claims if c.name != own_claim and (c.end is None or c.end > at))
 
 
 def _released(meter: Meter, gpus: int) -> Meter:
@@ -221,7 +261,7 @@ def _attempt(
     own_claim: str | None,
 ) -> Start | Blocked:
     ended = timeline.ended(at)
-    claims = tuple(c for c in state.claims if c.name != own_claim and c.earliest_start <= at)
+    claims = claims_at(state.claims, at, own_claim)
     return try_start(
         request,
         dataclasses.replace(state, claims=claims),
@@ -234,23 +274,25 @@ def _attempt(
 def earliest_start(
     request: RunRequest, state: ClusterState, *, own_claim: str | None = None
 ) -> tuple[datetime, Confidence, Placement | None]:
-    """Replay the timeline stretch by stretch (stretches split at window and claim instants).
+    """Replay the timeline stretch by stretch (stretches split at window and claim edges).
 
-    Inside a stretch only lease ends happen; they only add capacity and headroom, so feasibility
-    is monotone there. The cheap capacity test finds where an attempt can first succeed, then a
-    galloping search (1, 2, 4, … candidates ahead, then bisection) bounds the cover+pack
-    attempts to O(log n) per stretch.
+    Inside a stretch only lease ends happen; they only add capacity and headroom while the
+    binding claims stay the same, so feasibility is monotone there. The cheap capacity test
+    finds where an attempt can first succeed, then a galloping search (1, 2, 4, … candidates
+    ahead, then bisection) bounds the cover+pack attempts to O(log n) per stretch. Leases
+    already past their walltime count as ending now.
     """
     scope = request_scope(request, state)
     timeline = _Timeline(request, state, scope)
     limit = state.now + state.settings.horizon
-    ends = sorted({t for t in timeline.ends if state.now < t <= limit})
+    ends = sorted({max(t, state.now) for t in timeline.ends if t <= limit})
     room_from = timeline.room_from
     if room_from is None:
         return state.now + state.settings.conservative_lead, Confidence.CONSERVATIVE, None
-    edges: list[datetime | None] = [None, *_boundaries(request, state)]
-    for i, start in enumerate(edges):
-        stop = edges[i + 1] if i + 1 < len(edges) else None
+    edges = _edges(request, state, own_claim)
+    stretches: list[datetime | None] = [None, *edges.instants]
+    for i, start in enumerate(stretches):
+        stop = stretches[i + 1] if i + 1 < len(stretches) else None
         lo = 0 if start is None else bisect.bisect_left(ends, start)
         hi = len(ends) if stop is None else bisect.bisect_left(ends, stop)
         times = ends[lo:hi]
@@ -262,9 +304,18 @@ def earliest_start(
         fits = _first_fit(times, lambda t: _attempt(request, state, timeline, t, own_claim))
         if fits is not None:
             at, placement = fits
-            confidence = Confidence.WINDOW_ALIGNED if at == start else Confidence.WALLTIME
-            return at, confidence, placement
+            return at, label(at, edges.opens), placement
     return state.now + state.settings.conservative_lead, Confidence.CONSERVATIVE, None
+
+
+def label(at: datetime, window_openings: frozenset[datetime]) -> Confidence:
+    """What determines a found ETA: a window opening, else the walltimes that end by then.
+
+    The first fit is always at a candidate where capacity or headroom grew — a lease end, a
+    claim's end (the claimant's walltime) or a window opening; window closings and backfill
+    limits only take room away, so they never determine an ETA.
+    """
+    return Confidence.WINDOW_ALIGNED if at in window_openings else Confidence.WALLTIME
 
 
 def _first_fit(
@@ -305,8 +356,9 @@ def forecast(
     scope = request_scope(request, state)
     at, confidence, placement = earliest_start(request, state, own_claim=own_claim)
     protected_runs = [request.key]
+    held = open_claims(state.claims, scope, own_claim)
     if blocked.stage == "cover":
-        envelope = _funding_scope(request, state)
+        envelope = funding_scope(request, state)
         deficit = max(blocked.shortfall, 0)
         cuts = remedies(
             deficit if envelope is not None else 0,
@@ -316,10 +368,48 @@ def forecast(
             protected_runs,
             funding_scope_envelope=envelope,
         )
-        return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope)
+        return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope, held)
     deficit = max(min_demand(request) - _free_in(state, scope), 1)
     cuts = remedies(deficit, scope, state.open_leases, state.runs, protected_runs)
-    return Forecast(at, confidence, blocked, scope, deficit, cuts, placement)
+    return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, None, held)
+
+
+def open_claims(
+    claims: Iterable[ReservationClaim], scope: Scope, own_claim: str | None = None
+) -> tuple[str, ...]:
+    """Names of other claims on scope nodes with no end (their claimant has no walltime)."""
+    nodes = scope.nodes or frozenset()
+    return tuple(
+        sorted(
+            c.name
+            for c in claims
+            if c.name != own_claim and c.end is None and not nodes.isdisjoint(c.nodes)
+        )
+    )
+
+
+def reforecast_instead(
+    request: RunRequest, state: ClusterState, own_claim: str
+) -> tuple[datetime, Confidence] | None:
+    """At a ``conservative`` Reservation's earliestStart: the honest ETA to wait for instead of
+    cutting other Runs, or None when activation should go ahead.
+
+    A conservative ETA was a guess, not a slot anyone saw free, so reaching it is no licence to
+    end other people's work. Activation goes ahead when the Run fits now, when the owner is
+    reclaiming its own envelope from relatives and borrowers (funding scope), or when still
+    nothing in the horizon bounds the wait (SPEC: the configured lead, then cuts and the
+    lottery). Otherwise walltimes or a window opening now bound it: the Reservation is
+    re-forecast to that instant and the Run keeps waiting.
+    """
+    got = try_start(request, state, own_claim=own_claim)
+    if isinstance(got, Start):
+        return None
+    if got.stage == "cover" and funding_scope(request, state) is not None:
+        return None
+    at, confidence, _ = earliest_start(request, state, own_claim=own_claim)
+    if confidence is Confidence.CONSERVATIVE:
+        return None
+    return at, confidence
 
 
 def min_demand(request: RunRequest) -> int:

@@ -215,3 +215,11 @@ class ReservationClaim:
     nodes: tuple[str, ...]
     gpus: int
     envelope: str | None = None
+    duration: timedelta | None = None
+    """The claimant's walltime (maxDuration): the claim holds its GPUs from ``earliest_start``
+    for this long; ``None`` holds them open-ended (the claimant has no walltime)."""
+
+    @property
+    def end(self) -> datetime | None:
+        """When the claimant's walltime would be over if it started at ``earliest_start``."""
+        return None if self.duration is None else self.earliest_start + self.duration
