@@ -308,6 +308,13 @@ def earliest_start(
     return state.now + state.settings.conservative_lead, Confidence.CONSERVATIVE, None
 
 
+def walltime_backfill_eta(request: RunRequest, state: ClusterState) -> datetime | None:
+    """The plain walltime-backfill answer (Slurm's ``squeue --start``): the first instant enough
+    GPUs in scope are free once running leases reach their walltime, ignoring budgets and queued
+    Reservations. Only the replay's baseline: the promise is :func:`earliest_start`."""
+    return _Timeline(request, state, request_scope(request, state)).room_from
+
+
 def label(at: datetime, window_openings: frozenset[datetime]) -> Confidence:
     """What determines a found ETA: a window opening, else the walltimes that end by then.
 

@@ -321,6 +321,7 @@ def claim_record(obj: Obj, run: m.RunRequest | None = None) -> m.ReservationClai
         gpus=gpus,
         envelope=spec.paying_envelope,
         duration=run.max_duration if run is not None else None,
+        owner=run.owner if run is not None else None,
     )
 
 
