@@ -23,7 +23,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from shared.control.activation import Outcome, Target, decide
@@ -40,6 +40,7 @@ from shared.engine.forecast import (
 )
 from shared.engine.model import (
     Budget,
+    Closure,
     Lease,
     Node,
     ReservationClaim,
@@ -196,6 +197,9 @@ class Replay:
     confidences: list[Confidence] = field(init=False)
     incarnation: dict[RunKey, int] = field(init=False)
     last_end: datetime = field(init=False)
+    closed: list[Lease] = field(init=False)
+    """Closed leases, kept only when some envelope or cap limits GPU-hours (they count there)."""
+    hours_matter: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.now = self.t0
@@ -209,6 +213,10 @@ class Replay:
         )
         self.forecast_ms, self.expected_ms, self.confidences = [], [], []
         self.incarnation = {}
+        self.closed = []
+        self.hours_matter = any(
+            e.max_gpu_hours is not None for b in self.budgets for e in b.envelopes
+        ) or any(c.max_gpu_hours is not None for b in self.budgets for c in b.caps)
         for job in self.jobs:
             self._at(self.t0 + job.arrival, _ARRIVE, job.name)
 
@@ -223,7 +231,7 @@ class Replay:
             now=self.now,
             nodes=self.nodes,
             budgets=self.budgets,
-            ledger=tuple(self.open.values()),
+            ledger=(*self.closed, *self.open.values()),
             runs=dict(self.running),
             claims=claims,
             settings=self.settings,
@@ -268,10 +276,12 @@ class Replay:
         self.results[job.name].start = self.now
         self._at(self.now + min(job.runtime, job.walltime), _END, f"{job.name}#{n}")
 
-    def _close(self, run: RunKey) -> list[Lease]:
+    def _close(self, run: RunKey, closure: str) -> list[Lease]:
         ended = [lease for lease in self.open.values() if lease.run == run]
         for lease in ended:
             del self.open[lease.name]
+            if self.hours_matter:
+                self.closed.append(replace(lease, end=self.now, closure=closure))
         self.running.pop(run, None)
         return ended
 
@@ -280,7 +290,7 @@ class Replay:
         key = (NAMESPACE, name)
         if self.incarnation.get(key) != int(n) or key not in self.running:
             return  # ended already (cut at an activation)
-        ended = self._close(key)
+        ended = self._close(key, Closure.COMPLETED.value)
         job = self.results[name].job
         working = sum(lease.gpus for lease in ended if lease.role is not Role.SPARE)
         self.gpu_hours += working * (self.now - ended[0].start).total_seconds() / 3600
@@ -396,7 +406,7 @@ class Replay:
             run = action.run
             if run not in self.running:
                 continue
-            ended = self._close(run)
+            ended = self._close(run, action.closure)
             hours = sum(
                 x.gpus * (self.now - x.start).total_seconds() / 3600
                 for x in ended
