@@ -1,11 +1,15 @@
-"""Forecast of a blocked 64-GPU Run against 20,000 open leases (target ≤ 100 ms).
+"""Forecast of a blocked 64-GPU Run against 20,000 open leases (target p99 ≤ 50 ms).
 
+Every lease belongs to a Run the resolver may cut (their requests are in the snapshot, as in
+the services), so the figure includes the remedies preview and the lottery's kill probability.
 Baseline in the same run: the naive replay that tries cover+pack at every lease-end instant in
 turn, which must find the same ETA.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -107,7 +111,13 @@ def fleet() -> ClusterState:
                     expected_end=T0 + timedelta(days=6),
                 )
             )
-    return ClusterState.build(now=T0, nodes=nodes, budgets=budgets, ledger=leases)
+    runs = {}
+    for x in leases:
+        if x.run not in runs:
+            runs[x.run] = RunRequest(
+                key=x.run, uid=f"uid-{x.run[1]}", owner=x.owner, flavor=FLAVOR, total_gpus=8
+            )
+    return ClusterState.build(now=T0, nodes=nodes, budgets=budgets, ledger=leases, runs=runs)
 
 
 def main() -> None:
@@ -127,12 +137,23 @@ def main() -> None:
     got = forecast(want, state, blocked)
     samples = time_calls(lambda: forecast(want, state, blocked), 30)
     emit(
-        "forecast_20k_open_leases",
+        "forecast_20k_open_leases_all_cuttable",
         samples,
-        target_ms=100,
+        target_ms=50,
         open_leases=open_leases,
+        conflict_set=len(got.remedies.conflict_set),
+        loadavg=[round(x, 2) for x in os.getloadavg()],
         eta_hours=round((got.earliest_start - T0).total_seconds() / 3600, 2),
         confidence=got.confidence.value,
+    )
+    # The figure documented before: the same ledger with no Run the resolver may cut.
+    bare = dataclasses.replace(state, runs={})
+    emit(
+        "forecast_20k_open_leases",
+        time_calls(lambda: forecast(want, bare, blocked), 30),
+        target_ms=50,
+        open_leases=open_leases,
+        loadavg=[round(x, 2) for x in os.getloadavg()],
     )
 
     # Baseline: the naive replay, one cover+pack attempt at every lease-end instant in order.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +26,7 @@ from shared.engine.model import (
     Lease,
     ReservationClaim,
     Role,
+    RunKey,
     RunRequest,
     selector_matches,
 )
@@ -106,6 +108,9 @@ def funding_scope(request: RunRequest, state: ClusterState) -> str | None:
     return None
 
 
+_expected_end = operator.attrgetter("expected_end")
+
+
 class _Timeline:
     """Open leases by expected end, and the first instant the scope could hold the Run at all.
 
@@ -115,12 +120,10 @@ class _Timeline:
     """
 
     def __init__(self, request: RunRequest, state: ClusterState, scope: Scope) -> None:
-        bounded = sorted(
-            (x for x in state.ledger if x.open and x.expected_end is not None),
-            key=lambda x: x.expected_end or state.now,
-        )
+        bounded = [x for x in state.ledger if x.end is None and x.expected_end is not None]
+        bounded.sort(key=_expected_end)
         self.leases = bounded
-        self.ends = [x.expected_end or state.now for x in bounded]
+        self.ends: list[datetime] = [_expected_end(x) for x in bounded]
         self.room_from = self._sweep(request, state, scope)
 
     def ended(self, at: datetime) -> list[Lease]:
@@ -370,15 +373,41 @@ def forecast(
         cuts = remedies(
             deficit if envelope is not None else 0,
             scope,
-            state.open_leases,
+            _cuttable_leases(state, scope, request.key, envelope),
             state.runs,
             protected_runs,
             funding_scope_envelope=envelope,
         )
         return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope, held)
     deficit = max(min_demand(request) - _free_in(state, scope), 1)
-    cuts = remedies(deficit, scope, state.open_leases, state.runs, protected_runs)
+    leases = _cuttable_leases(state, scope, request.key, None)
+    cuts = remedies(deficit, scope, leases, state.runs, protected_runs)
     return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, None, held)
+
+
+def _cuttable_leases(
+    state: ClusterState, scope: Scope, protected: RunKey, envelope: str | None
+) -> tuple[Lease, ...]:
+    """The open leases the remedies preview reads: every lease of a Run it may cut that has a
+    lease counting against the deficit (on a scope node, or paid by the funding envelope as
+    family or sponsor), and every lease on the nodes those Runs use (a node's occupancy decides
+    what a cut frees there). A superset of what the resolver's book touches, so the preview is
+    unchanged; it only spares building the book over the whole fleet's ledger."""
+    nodes = scope.nodes or frozenset()
+    leases = state.open_leases
+    cut = {
+        x.run
+        for x in leases
+        if x.run in state.runs
+        and x.run != protected
+        and (
+            x.envelope == envelope and x.funding is not FundingKind.OWNED
+            if envelope is not None
+            else x.node in nodes
+        )
+    }
+    touched = {x.node for x in leases if x.run in cut}
+    return tuple(x for x in leases if x.run in cut or x.node in touched)
 
 
 def open_claims(

@@ -304,6 +304,9 @@ def _sampled_kill_probability(
     """Share of ``samples`` lotteries (owner-first, then token, as drawn at activation) in
     which each run loses a token; the generator is seeded with a fixed constant."""
     rng = random.Random(KILL_PROBABILITY_SEED)
+    runs = [token.run for token in tokens]
+    if all(token.group is None for token in tokens) and len(set(runs)) == len(runs):
+        return _sampled_whole_runs(tokens, deficit, samples, rng)
     base = _Pool(tokens)
     hits: dict[RunKey, int] = {}
     for _ in range(samples):
@@ -318,4 +321,38 @@ def _sampled_kill_probability(
             remaining -= token.gpus
         for run in cut:
             hits[run] = hits.get(run, 0) + 1
+    return {run: count / samples for run, count in hits.items()}
+
+
+def _sampled_whole_runs(
+    tokens: Sequence[Token], deficit: int, samples: int, rng: random.Random
+) -> dict[RunKey, float]:
+    """The same estimate when every token is a whole run (one per run): a token stays drawable
+    until drawn, so each draw is an owner uniform over all owners and a token uniform over its
+    tokens; the owner is redrawn while it is exhausted and then its token while it was drawn
+    (rejection keeps both choices exactly uniform over what is left): O(draws) per lottery,
+    no copied state."""
+    by_owner: dict[str, list[Token]] = {}
+    for token in sorted(tokens, key=token_sort_key):
+        by_owner.setdefault(token.owner, []).append(token)
+    owners = [by_owner[o] for o in sorted(by_owner)]
+    total = len(tokens)
+    hits: dict[RunKey, int] = {}
+    for _ in range(samples):
+        remaining, drawn = deficit, 0
+        taken: set[int] = set()
+        used: dict[int, int] = {}
+        while remaining > 0 and drawn < total:
+            o = int(rng.random() * len(owners))
+            pool = owners[o]
+            if used.get(o, 0) == len(pool):
+                continue
+            t = int(rng.random() * len(pool))
+            while (o << 32) | t in taken:  # the owner is chosen: redraw only its token
+                t = int(rng.random() * len(pool))
+            taken.add((o << 32) | t)
+            used[o] = used.get(o, 0) + 1
+            drawn += 1
+            remaining -= pool[t].gpus
+            hits[pool[t].run] = hits.get(pool[t].run, 0) + 1
     return {run: count / samples for run, count in hits.items()}

@@ -303,3 +303,16 @@ def test_sampled_kill_probability_is_within_its_stated_error_of_the_exact_one() 
     misses = [abs(sampled[run] - p) for run, p in exact.items()]
     assert max(misses) <= 2 * KILL_PROBABILITY_ERROR, misses
     assert sum(misses) / len(misses) <= KILL_PROBABILITY_ERROR, misses
+
+
+def test_sampled_kill_probability_of_malleable_groups_matches_the_exact_one() -> None:
+    groups = [
+        Token(f"o{r % 2}", ("ns", f"m{r}"), g, 2, (f"m{r}-{g}",), 2, 4)
+        for r in range(3)
+        for g in range(3)
+    ]
+    tokens = [*groups, tok("o2", "fixed", 3)]
+    exact = kill_probability(tokens, 5)
+    sampled = kill_probability(tokens, 5, max_states=1)
+    misses = [abs(sampled[run] - p) for run, p in exact.items()]
+    assert max(misses) <= 2 * KILL_PROBABILITY_ERROR, misses
