@@ -51,7 +51,8 @@ from shared.bus.process import serve_service
 from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
-from shared.engine.forecast import forecast, reforecast_instead, request_scope
+from shared.engine.durations import DurationModel, expected_start, learn
+from shared.engine.forecast import forecast, open_claims, reforecast_instead, request_scope
 from shared.engine.model import Role, RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
@@ -92,6 +93,7 @@ class Forecaster:
         )
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, ClusterState] | None = None
+        self._durations: tuple[int, DurationModel] | None = None
         self._parsed: dict[str, tuple[str, rv.ReservationView]] = {}
         self._risk_sent: dict[RunKey, tuple[str, dict[str, Any]]] = {}
         self._next_round = 0.0
@@ -160,6 +162,13 @@ class Forecaster:
         state = self.cache.snapshot(now, self.options.settings)
         self._snapshot = (version, state)
         return state
+
+    def durations(self, state: ClusterState) -> DurationModel:
+        """What the owners' completed Runs say about walltimes, learnt once per cache version."""
+        version = self.cache.version
+        if self._durations is None or self._durations[0] != version:
+            self._durations = (version, learn(state.ledger))
+        return self._durations[1]
 
     # ------------------------------------------------------------------ RESERVE
 
@@ -238,6 +247,7 @@ class Forecaster:
             raise Refused(UNRESERVABLE, why)
         blocked = Blocked(req.stage, req.reason, req.message, req.shortfall)
         fc = forecast(req.request, state, blocked)
+        expected = expected_start(req.request, state, self.durations(state), fc.earliest_start)
         taken = [v.name for v in self._views() if v.namespace == req.run.namespace]
         name = rv.next_reservation_name(req.run.name, req.run.uid, taken)
         manifest = rv.reservation_manifest(name, req.run, req.request, fc, state.topology)
@@ -248,7 +258,7 @@ class Forecaster:
                 self.api,
                 RESERVATIONS,
                 name,
-                rv.pending_status(fc, now),
+                rv.pending_status(fc, now, expected),
                 namespace=req.run.namespace,
                 field_manager=FIELD_MANAGER,
             )
@@ -429,6 +439,9 @@ class Forecaster:
         )
         seen = preview(request, state, target)
         confidence = (view.status.get("forecast") or {}).get("confidence")
+        expected = expected_start(
+            request, state, self.durations(state), view.earliest_start, own_claim=view.name
+        )
         status = rv.preview_status(
             deficit=seen.deficit,
             scope=seen.scope,
@@ -439,6 +452,8 @@ class Forecaster:
             now=now,
             confidence=confidence if isinstance(confidence, str) else None,
             funding_envelope=seen.funding_envelope,
+            expected=expected,
+            open_claims=open_claims(state.claims, seen.scope, view.name),
         )
         for key in ("activatedAt", "canceledAt"):
             if key in view.status:
