@@ -220,8 +220,6 @@ class ReservationClaim:
     for this long; ``None`` holds them open-ended (the claimant has no walltime)."""
     owner: str | None = None
     """The claimant's owner: whose history predicts how much of that walltime it will use."""
-    expected_start: datetime | None = None
-    """When the claimant is expected to start (its Reservation's published expected start)."""
 
     @property
     def end(self) -> datetime | None:

@@ -304,7 +304,6 @@ def claim_record(obj: Obj, run: m.RunRequest | None = None) -> m.ReservationClai
     if (resv.status.state if resv.status else None) not in _CLAIMING:
         return None
     run_key = reservation_run_key(obj)
-    forecast = resv.status.forecast if resv.status else None
     text = (meta.annotations or {}).get(ANNOTATION_GPUS)
     if text is not None:
         if not text.isdigit():
@@ -323,7 +322,6 @@ def claim_record(obj: Obj, run: m.RunRequest | None = None) -> m.ReservationClai
         envelope=spec.paying_envelope,
         duration=run.max_duration if run is not None else None,
         owner=run.owner if run is not None else None,
-        expected_start=forecast.expected_start if forecast is not None else None,
     )
 
 
