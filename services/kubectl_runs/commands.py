@@ -28,6 +28,7 @@ from services.kubectl_runs import completion, render
 from services.kubectl_runs.config import default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
+from shared.cli.expected import with_expected
 from shared.kube.client import APPLY_PATCH, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
@@ -474,7 +475,8 @@ async def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
     run = await find_run(ctx, args.run)
     namespace = views.namespace_of(run)
     reservations = await _list_optional(ctx, RESERVATIONS, namespace=namespace)
-    record = views.plan_record(run, views.pick_reservation(run, reservations), ctx.now())
+    reservation = views.pick_reservation(run, reservations)
+    record = with_expected(views.plan_record(run, reservation, ctx.now()), reservation, ctx.now())
     ctx.emit(record, lambda: render.plan(record, ctx.width))
     return 0
 
