@@ -24,11 +24,12 @@ from typing import Any, NoReturn, TextIO
 import yaml
 from kubernetes_asyncio.client import ApiClient
 
-from services.kubectl_runs import completion, render
+from services.kubectl_runs import completion, render, whatif
 from services.kubectl_runs.config import default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
 from shared.cli.expected import with_expected
+from shared.control.whatif import what_if
 from shared.kube.client import APPLY_PATCH, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
 from shared.kube.resources import (
@@ -40,6 +41,7 @@ from shared.kube.resources import (
     RUNS,
     Resource,
 )
+from shared.kube.translate import TranslateError, run_request
 
 FIELD_MANAGER = "kubectl-runs"
 MERGE_PATCH = "application/merge-patch+json"
@@ -135,7 +137,10 @@ def build_parser() -> Parser:
     )
 
     p = _command(subs, "plan", "why a Run waits: phase, reason, forecast, ETA", cmd_plan)
-    _run_arg(p)
+    p.add_argument("run", nargs="?", metavar=completion.RUN_METAVAR, help="Run name or NS/NAME")
+    p.add_argument(
+        "-f", "--filename", help="what-if for a Run manifest not yet submitted (nothing written)"
+    )
 
     p = _command(subs, "watch", "stream width, funding, countdown and lease events", cmd_watch)
     _run_arg(p)
@@ -472,12 +477,35 @@ async def _apply_one(
 
 
 async def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
+    if args.filename:
+        return await _plan_file(ctx, args.filename)
+    if not args.run:
+        raise CliError("plan needs a Run name, or -f FILE for a Run not yet submitted", 2)
     run = await find_run(ctx, args.run)
     namespace = views.namespace_of(run)
     reservations = await _list_optional(ctx, RESERVATIONS, namespace=namespace)
     reservation = views.pick_reservation(run, reservations)
     record = with_expected(views.plan_record(run, reservation, ctx.now()), reservation, ctx.now())
     ctx.emit(record, lambda: render.plan(record, ctx.width))
+    return 0
+
+
+async def _plan_file(ctx: Context, path: str) -> int:
+    """``plan -f``: the what-if of a Run manifest against what the cluster holds, read-only."""
+    source, _, doc = read_documents([path], sys.stdin)[0]
+    try:
+        request = run_request(whatif.hypothetical_run(doc, ctx.namespace))
+    except (ValueError, TranslateError) as exc:
+        raise CliError(f"{source}: {exc}") from exc
+    objects = {
+        "nodes": await _list(ctx, NODES, "nodes"),
+        "budgets": await _list(ctx, BUDGETS, "budgets"),
+        "leases": await _list_optional(ctx, GPU_LEASES),
+        "runs": await _list_optional(ctx, RUNS),
+        "reservations": await _list_optional(ctx, RESERVATIONS),
+    }
+    record = what_if(request, whatif.snapshot(ctx.now(), objects))
+    ctx.emit(record, lambda: whatif.render(record))
     return 0
 
 
