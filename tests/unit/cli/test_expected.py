@@ -45,3 +45,16 @@ def test_without_an_expected_start_nothing_is_claimed() -> None:
     assert record["reservation"]["expected"] is None
     assert expected_text(None, "x") is None
     assert "Expected:" not in render.plan(record)
+
+
+def test_watch_shows_the_expected_start_and_a_change_of_it() -> None:
+    forecast = {**FORECAST, "expectedStart": stamp(1)}
+    resv = reservation(state="Pending", countdownSeconds=11500, forecast=forecast)
+    (line,) = views.reservation_events(resv, None, NOW)
+    assert line["message"].endswith(", expected in 1h"), line
+    moved = reservation(
+        state="Pending", countdownSeconds=11500, forecast={**forecast, "expectedStart": stamp(0.5)}
+    )
+    (line,) = views.reservation_events(moved, resv, NOW)
+    assert "expected in 30m" in line["message"], line
+    assert views.reservation_events(moved, moved, NOW) == []
