@@ -165,6 +165,9 @@ class _Edges:
     """Sorted: window openings and closings, claim ends, last backfill instants before claims."""
     opens: frozenset[datetime]
     """Window openings: an ETA here is ``window-aligned``."""
+    gives: frozenset[datetime]
+    """Edges that give room (window openings, claim ends): worth an attempt of their own. The
+    others only take room away, so an attempt there repeats the last one before them."""
 
 
 def _edges(request: RunRequest, state: ClusterState, own_claim: str | None) -> _Edges:
@@ -178,6 +181,7 @@ def _edges(request: RunRequest, state: ClusterState, own_claim: str | None) -> _
     now, limit = state.now, state.now + state.settings.horizon
     bounds: set[datetime] = set()
     opens: set[datetime] = set()
+    gives: set[datetime] = set()
     for envelope in state.family.all_envelopes():
         if envelope.flavor != request.flavor:
             continue
@@ -192,13 +196,14 @@ def _edges(request: RunRequest, state: ClusterState, own_claim: str | None) -> _
     for claim in state.claims:
         if claim.name == own_claim:
             continue
-        candidates = [claim.end]
+        if claim.end is not None and now < claim.end <= limit:
+            bounds.add(claim.end)
+            gives.add(claim.end)
         if request.max_duration is not None:
-            candidates.append(claim.earliest_start - request.max_duration)
-        for t in candidates:
-            if t is not None and now < t <= limit:
-                bounds.add(t)
-    return _Edges(sorted(bounds), frozenset(opens))
+            last = claim.earliest_start - request.max_duration
+            if now < last <= limit:
+                bounds.add(last)
+    return _Edges(sorted(bounds), frozenset(opens), frozenset(opens | gives))
 
 
 def claims_at(
@@ -299,7 +304,7 @@ def earliest_start(
         lo = 0 if start is None else bisect.bisect_left(ends, start)
         hi = len(ends) if stop is None else bisect.bisect_left(ends, stop)
         times = ends[lo:hi]
-        if start is not None and (not times or times[0] != start):
+        if start in edges.gives and (not times or times[0] != start):
             times = [start, *times]
         times = times[bisect.bisect_left(times, room_from) :]
         if not times:
