@@ -44,3 +44,9 @@ ACTIVATIONS = Counter(
     "ACTIVATE requests the forecaster sent, by result (released, not_released, error).",
     ["result"],
 )
+
+REFORECASTS = Counter(
+    "jobtree_reservations_reforecast",
+    "Conservative Reservations that reached earliestStart without room while walltimes or a "
+    "window now bound the wait: canceled (reason Reforecast) and reserved again, nothing cut.",
+)

@@ -51,7 +51,8 @@ from shared.bus.process import serve_service
 from shared.control import reservations as rv
 from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
-from shared.engine.forecast import forecast, request_scope
+from shared.engine.durations import DurationModel, expected_start, learn
+from shared.engine.forecast import forecast, open_claims, reforecast_instead, request_scope
 from shared.engine.model import Role, RunKey
 from shared.engine.state import ClusterState
 from shared.kube import writer
@@ -92,6 +93,7 @@ class Forecaster:
         )
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, ClusterState] | None = None
+        self._durations: tuple[int, DurationModel] | None = None
         self._parsed: dict[str, tuple[str, rv.ReservationView]] = {}
         self._risk_sent: dict[RunKey, tuple[str, dict[str, Any]]] = {}
         self._next_round = 0.0
@@ -160,6 +162,13 @@ class Forecaster:
         state = self.cache.snapshot(now, self.options.settings)
         self._snapshot = (version, state)
         return state
+
+    def durations(self, state: ClusterState) -> DurationModel:
+        """What the owners' completed Runs say about walltimes, learnt once per cache version."""
+        version = self.cache.version
+        if self._durations is None or self._durations[0] != version:
+            self._durations = (version, learn(state.ledger))
+        return self._durations[1]
 
     # ------------------------------------------------------------------ RESERVE
 
@@ -238,6 +247,7 @@ class Forecaster:
             raise Refused(UNRESERVABLE, why)
         blocked = Blocked(req.stage, req.reason, req.message, req.shortfall)
         fc = forecast(req.request, state, blocked)
+        expected = expected_start(req.request, state, self.durations(state), fc.earliest_start)
         taken = [v.name for v in self._views() if v.namespace == req.run.namespace]
         name = rv.next_reservation_name(req.run.name, req.run.uid, taken)
         manifest = rv.reservation_manifest(name, req.run, req.request, fc, state.topology)
@@ -248,7 +258,7 @@ class Forecaster:
                 self.api,
                 RESERVATIONS,
                 name,
-                rv.pending_status(fc, now),
+                rv.pending_status(fc, now, expected),
                 namespace=req.run.namespace,
                 field_manager=FIELD_MANAGER,
             )
@@ -356,11 +366,29 @@ class Forecaster:
                 only_if_changed=True,
             )
         elif step is rv.Step.ACTIVATE:
+            if await self._reforecast(view, now):
+                return
             at = now.replace(microsecond=0)  # published in activatedAt; seeds the lottery
             await self._status(view, rv.active_status(view.status, at))
             self._spawn_activation(view, at)
         elif step is rv.Step.RETRY:
             self._spawn_activation(view, view.activated_at or now)
+
+    async def _reforecast(self, view: rv.ReservationView, now: datetime) -> bool:
+        """A conservative promise reached without room while walltimes now bound the wait:
+        cancel it with reason ``Reforecast`` (admission reserves the Run again at the honest
+        ETA) instead of activating and cutting other Runs. True when it did."""
+        request = self.cache.run_request(view.run)
+        if not view.managed or request is None or not rv.is_conservative(view):
+            return False
+        later = reforecast_instead(request, self.snapshot(now), view.name)
+        if later is None:
+            return False
+        reason, message = rv.reforecast_reason(*later)
+        await self._status(view, rv.canceled_status(view.status, now, reason, message))
+        metrics.REFORECASTS.inc()
+        log.info("reservation re-forecast", extra={"reservation": view.key, "detail": message})
+        return True
 
     def _facts(self, view: rv.ReservationView) -> rv.RunFacts | None:
         run_obj = self.cache.run_object(view.run)
@@ -411,6 +439,9 @@ class Forecaster:
         )
         seen = preview(request, state, target)
         confidence = (view.status.get("forecast") or {}).get("confidence")
+        expected = expected_start(
+            request, state, self.durations(state), view.earliest_start, own_claim=view.name
+        )
         status = rv.preview_status(
             deficit=seen.deficit,
             scope=seen.scope,
@@ -421,6 +452,8 @@ class Forecaster:
             now=now,
             confidence=confidence if isinstance(confidence, str) else None,
             funding_envelope=seen.funding_envelope,
+            expected=expected,
+            open_claims=open_claims(state.claims, seen.scope, view.name),
         )
         for key in ("activatedAt", "canceledAt"):
             if key in view.status:

@@ -196,9 +196,18 @@ def build_parser() -> Parser:
         """
   kubectl runs plan my-run
   kubectl runs plan research/my-run -o yaml
-  kubectl runs plan my-run -o jsonpath='{.reservation.earliestStart}'""",
+  kubectl runs plan my-run -o jsonpath='{.reservation.earliestStart}'
+  kubectl runs plan -f run.yaml      # what-if: would it start now, where, who pays; else ETAs""",
     )
-    _run_arg(p)
+    p.add_argument(
+        "run", nargs="?", metavar=completion.RUN_METAVAR, help="Run name or NAMESPACE/NAME"
+    )
+    p.add_argument(
+        "-f",
+        "--filename",
+        metavar=completion.FILE_METAVAR,
+        help="what-if for a Run manifest not yet submitted (read-only: nothing is written)",
+    )
 
     p = _command(
         subs,

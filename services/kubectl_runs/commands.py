@@ -24,12 +24,14 @@ from typing import Any, TextIO
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
-from services.kubectl_runs import completion, output, render
+from services.kubectl_runs import completion, output, render, whatif
 from services.kubectl_runs.cli import build_parser, handler_of
 from services.kubectl_runs.config import ConfigError, client_kubeconfig, default_namespace
 from shared.api import API_VERSION, ApiValidationError, parse_object
 from shared.cli import views
 from shared.cli.documents import MAX_INPUT_BYTES, DocumentError, parse_documents
+from shared.cli.expected import with_expected
+from shared.control.whatif import what_if
 from shared.kube.cache import HOLDING_PODS
 from shared.kube.client import APPLY_PATCH, DEFAULT_TIMEOUT, KubeError, make_client, request
 from shared.kube.informer import EventType, Informer
@@ -42,6 +44,7 @@ from shared.kube.resources import (
     RUNS,
     Resource,
 )
+from shared.kube.translate import TranslateError, run_request
 
 FIELD_MANAGER = "kubectl-runs"
 MERGE_PATCH = "application/merge-patch+json"
@@ -532,14 +535,40 @@ async def _apply_one(
 
 
 async def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
+    if args.filename:
+        return await _plan_file(ctx, args.filename)
+    if not args.run:
+        raise CliError("plan needs a Run name, or -f FILE for a Run not yet submitted", 2)
     run = await find_run(ctx, args.run)
     namespace = views.namespace_of(run)
     reservations = await _list_optional(ctx, RESERVATIONS, namespace=namespace)
+    reservation = views.pick_reservation(run, reservations)
     nodes = await _list_optional(ctx, NODES)
     pods = await _list_optional(ctx, PODS, field_selector=HOLDING_PODS) if nodes else []
     excluded = views.excluded_record(run, nodes, pods)
-    record = views.plan_record(run, views.pick_reservation(run, reservations), ctx.now(), excluded)
+    record = with_expected(
+        views.plan_record(run, reservation, ctx.now(), excluded), reservation, ctx.now()
+    )
     ctx.emit(record, lambda: render.plan(record, ctx.width))
+    return 0
+
+
+async def _plan_file(ctx: Context, path: str) -> int:
+    """``plan -f``: the what-if of a Run manifest against what the cluster holds, read-only."""
+    source, _, doc = read_documents([path], sys.stdin)[0]
+    try:
+        request = run_request(whatif.hypothetical_run(doc, ctx.namespace))
+    except (ValueError, TranslateError) as exc:
+        raise CliError(f"{source}: {exc}") from exc
+    objects = {
+        "nodes": await _list(ctx, NODES, "nodes"),
+        "budgets": await _list(ctx, BUDGETS, "budgets"),
+        "leases": await _list_optional(ctx, GPU_LEASES),
+        "runs": await _list_optional(ctx, RUNS),
+        "reservations": await _list_optional(ctx, RESERVATIONS),
+    }
+    record = what_if(request, whatif.snapshot(ctx.now(), objects))
+    ctx.emit(record, lambda: whatif.render(record))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from shared.cli.expected import expected_text
 from shared.cli.views import funding_text, human_duration, request_text, width_text
 
 FORMATS = ("table", "json", "yaml")
@@ -159,7 +160,9 @@ def plan(record: Mapping[str, Any], width: int = 120) -> str:
                         ("Reason", resv.get("reason")),
                         ("Message", resv.get("message")),
                         ("ETA", eta),
+                        ("Expected", expected_text(resv.get("expected"), resv["earliestStart"])),
                         ("Rests on", rests),
+                        ("Waits on", resv.get("openClaims") or None),
                         (
                             "Deficit",
                             f"{resv.get('deficitGPUs', 0)} GPUs in {resv.get('scopeText')}",

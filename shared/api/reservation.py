@@ -121,6 +121,18 @@ class Forecast(StatusModel):
     kill_probability: dict[str, Probability] | None = None
     """Per conflicting Run (``namespace/name``): chance the lottery ends it."""
     confidence: Confidence | None = None
+    expected_start: Timestamp | None = None
+    """Expected start: the same search as earliestStart over lease ends predicted from the
+    owners' completed Runs in the ledger (earliestStart stays the guarantee)."""
+    expected_start_p10: Timestamp | None = None
+    """Early end of the expected start's spread (the owners' 10th percentile durations)."""
+    expected_start_p90: Timestamp | None = None
+    """Late end of the spread (90th percentile durations); never after earliestStart."""
+    expected_basis: Message | None = None
+    """What the expected start was learnt from, e.g. ``212 completed Runs of org:ai:rai``."""
+    open_claims: Annotated[list[ObjectName], ListType(), Field(max_length=1024)] | None = None
+    """Reservations in scope whose Run has no walltime: their claims never end, and the ETA
+    waits behind them."""
 
 
 class Token(StatusModel):

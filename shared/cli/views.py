@@ -1202,6 +1202,10 @@ def run_events(run: Obj, old: Obj | None, now: datetime, *, deleted: bool = Fals
     return out
 
 
+def _expected_start(resv: Obj) -> datetime | None:
+    return parse_ts(as_map(as_map(resv.get("status")).get("forecast")).get("expectedStart"))
+
+
 def reservation_events(
     resv: Obj, old: Obj | None, now: datetime, *, deleted: bool = False
 ) -> list[Record]:
@@ -1212,7 +1216,12 @@ def reservation_events(
     new = reservation_record(resv, now)
     before = None if old is None else reservation_record(old, now)
     watched = ("state", "earliestStart", "reportedCountdownSeconds", "deficitGPUs", "confidence")
-    if before is not None and all(new[k] == before[k] for k in watched):
+    expected = _expected_start(resv)
+    if (
+        before is not None
+        and all(new[k] == before[k] for k in watched)
+        and expected == _expected_start(old or {})
+    ):
         seed = as_str(as_map(as_map(resv.get("status")).get("audit")).get("seed"))
         old_seed = as_str(as_map(as_map((old or {}).get("status")).get("audit")).get("seed"))
         if seed and seed != old_seed:
@@ -1227,6 +1236,8 @@ def reservation_events(
         text += f", deficit {new['deficitGPUs']} GPUs"
     if new["confidence"]:
         text += f", {new['confidence']}"
+    if expected is not None:
+        text += f", expected {relative(expected, now)}"
     return [
         _event(
             now,

@@ -27,7 +27,8 @@ from shared.api.errors import ApiValidationError
 from shared.api.lease import LABEL_RUN, label_value
 from shared.bus.messages import RunRef
 from shared.engine.deficit import min_demand
-from shared.engine.forecast import Forecast
+from shared.engine.durations import Expected
+from shared.engine.forecast import Confidence, Forecast
 from shared.engine.model import DOMAIN_LABELS, DomainKey, RunKey, RunRequest
 from shared.engine.resolver import Remedies, Resolution, Scope
 from shared.engine.topology import Topology
@@ -337,14 +338,33 @@ def _probability(value: float) -> float:
     return min(1.0, max(0.0, round(float(value), 4)))
 
 
+def expected_block(expected: Expected | None, open_claims: Iterable[str] = ()) -> dict[str, Any]:
+    """The expected start, its spread and basis, and the open-ended claims, as status fields."""
+    out: dict[str, Any] = {}
+    if expected is not None:
+        out.update(
+            expectedStart=rfc3339(expected.at),
+            expectedStartP10=rfc3339(expected.p10),
+            expectedStartP90=rfc3339(expected.p90),
+            expectedBasis=expected.basis,
+        )
+    claims = sorted(open_claims)[:1024]
+    if claims:
+        out["openClaims"] = claims
+    return out
+
+
 def forecast_block(
     deficit: int,
     scope: Scope,
     remedies: Remedies,
     confidence: str | None,
     funding_envelope: str | None = None,
+    expected: Expected | None = None,
+    open_claims: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """``status.forecast``: deficit, scope, remedies, conflict set, kill odds, confidence."""
+    """``status.forecast``: deficit, scope, remedies, conflict set, kill odds, confidence, and
+    the expected start with its spread."""
     out: dict[str, Any] = {
         "deficitGPUs": max(0, deficit),
         "scope": api_scope(scope, funding_envelope),
@@ -356,10 +376,13 @@ def forecast_block(
     }
     if confidence is not None:
         out["confidence"] = confidence
+    out.update(expected_block(expected, open_claims))
     return out
 
 
-def pending_status(forecast: Forecast, now: datetime) -> dict[str, Any]:
+def pending_status(
+    forecast: Forecast, now: datetime, expected: Expected | None = None
+) -> dict[str, Any]:
     """The status of a fresh Reservation: Pending, the typed reason, ETA countdown, forecast."""
     return {
         "state": ReservationState.PENDING.value,
@@ -372,6 +395,8 @@ def pending_status(forecast: Forecast, now: datetime) -> dict[str, Any]:
             forecast.remedies,
             forecast.confidence.value,
             forecast.funding_scope_envelope,
+            expected,
+            forecast.open_claims,
         ),
     }
 
@@ -387,15 +412,19 @@ def preview_status(
     now: datetime,
     confidence: str | None = None,
     funding_envelope: str | None = None,
+    expected: Expected | None = None,
+    open_claims: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """A Pending status for a Reservation whose time was given (an administrator's): what its
-    slice lacks now and what activation would cut."""
+    """A Pending status for a Reservation whose time was given (an administrator's) or that is
+    refreshed: what its slice lacks now, what activation would cut, and the expected start."""
     return {
         "state": ReservationState.PENDING.value,
         "reason": reason,
         "message": message[:32768],
         "countdownSeconds": countdown(earliest_start, now),
-        "forecast": forecast_block(deficit, scope, remedies, confidence, funding_envelope),
+        "forecast": forecast_block(
+            deficit, scope, remedies, confidence, funding_envelope, expected, open_claims
+        ),
     }
 
 
@@ -496,6 +525,22 @@ class RunFacts:
 
 
 STARTED_EARLY = "StartedEarly"
+REFORECAST = "Reforecast"
+
+
+def is_conservative(view: ReservationView) -> bool:
+    """The published ETA was the configured lead, not an instant anything bounded."""
+    forecast = view.status.get("forecast") or {}
+    return forecast.get("confidence") == Confidence.CONSERVATIVE.value
+
+
+def reforecast_reason(at: datetime, confidence: Confidence) -> tuple[str, str]:
+    """(reason, message) of a conservative Reservation replaced by an honest ETA."""
+    return (
+        REFORECAST,
+        f"conservative ETA reached without room; {confidence.value} now bounds the wait at "
+        f"{rfc3339(at)}: re-forecast instead of cutting other Runs",
+    )
 
 
 def cancel_reason(view: ReservationView, run: RunFacts | None) -> tuple[str, str] | None:

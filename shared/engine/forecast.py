@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +25,9 @@ from shared.engine.model import (
     AggregateCap,
     FundingKind,
     Lease,
+    ReservationClaim,
     Role,
+    RunKey,
     RunRequest,
     selector_matches,
 )
@@ -61,6 +64,9 @@ class Forecast:
     """The slice the Run would take at ``earliest_start`` (None when conservative)."""
     funding_scope_envelope: str | None = None
     """Set when the deficit is the owner's own envelope held by relatives or borrowers."""
+    open_claims: tuple[str, ...] = ()
+    """Claims in scope whose claimant has no walltime, held open-ended: the ETA waits behind
+    them as long as they last (said in the status so the user knows why)."""
 
     def countdown_seconds(self, now: datetime) -> int:
         return max(0, int((self.earliest_start - now).total_seconds()))
@@ -89,7 +95,7 @@ def request_scope(request: RunRequest, state: ClusterState) -> Scope:
     return Scope(flavor=request.flavor, nodes=nodes, label=f"{request.flavor}@{label}")
 
 
-def _funding_scope(request: RunRequest, state: ClusterState) -> str | None:
+def funding_scope(request: RunRequest, state: ClusterState) -> str | None:
     """The owner's own envelope whose headroom relatives or borrowers hold, if any."""
     for envelope in state.family.envelopes_of(request.owner):
         if envelope.flavor != request.flavor:
@@ -98,6 +104,9 @@ def _funding_scope(request: RunRequest, state: ClusterState) -> str | None:
         if usage.shared.gpus + usage.borrowed_out.gpus > 0:
             return envelope.key
     return None
+
+
+_expected_end = operator.attrgetter("expected_end")
 
 
 class _Timeline:
@@ -109,12 +118,10 @@ class _Timeline:
     """
 
     def __init__(self, request: RunRequest, state: ClusterState, scope: Scope) -> None:
-        bounded = sorted(
-            (x for x in state.ledger if x.open and x.expected_end is not None),
-            key=lambda x: x.expected_end or state.now,
-        )
+        bounded = [x for x in state.ledger if x.end is None and x.expected_end is not None]
+        bounded.sort(key=_expected_end)
         self.leases = bounded
-        self.ends = [x.expected_end or state.now for x in bounded]
+        self.ends: list[datetime] = [_expected_end(x) for x in bounded]
         self.room_from = self._sweep(request, state, scope)
 
     def ended(self, at: datetime) -> list[Lease]:
@@ -148,23 +155,64 @@ class _Timeline:
         return None
 
 
-def _boundaries(request: RunRequest, state: ClusterState) -> list[datetime]:
-    """Instants where feasibility may jump either way: windows and earlier claims."""
+@dataclass(frozen=True, slots=True)
+class _Edges:
+    """Instants where feasibility may jump either way, and what each one is."""
+
+    instants: list[datetime]
+    """Sorted: window openings and closings, claim ends, last backfill instants before claims."""
+    opens: frozenset[datetime]
+    """Window openings: an ETA here is ``window-aligned``."""
+    gives: frozenset[datetime]
+    """Edges that give room (window openings, claim ends): worth an attempt of their own. The
+    others only take room away, so an attempt there repeats the last one before them."""
+
+
+def _edges(request: RunRequest, state: ClusterState, own_claim: str | None) -> _Edges:
+    """Cut the horizon where something other than a lease end changes what fits.
+
+    A claim protects its GPUs over its whole interval (earliestStart to earliestStart + the
+    claimant's walltime, open-ended without one); a Run with walltime W may still backfill it
+    while it would end by the claim's start, i.e. up to earliestStart − W. Between two edges the
+    set of claims that bind the Run is constant, so only lease ends happen there.
+    """
     now, limit = state.now, state.now + state.settings.horizon
     bounds: set[datetime] = set()
+    opens: set[datetime] = set()
+    gives: set[datetime] = set()
     for envelope in state.family.all_envelopes():
         if envelope.flavor != request.flavor:
             continue
         # A window that has not opened is something to wait for only when its preActivation
         # lets Runs hold reservations against it; its closing always changes what fits.
-        opens = envelope.start if envelope.reservations_before_start else None
-        for t in (opens, envelope.end):
-            if t is not None and now < t <= limit:
-                bounds.add(t)
+        opening = envelope.start if envelope.reservations_before_start else None
+        if opening is not None and now < opening <= limit:
+            bounds.add(opening)
+            opens.add(opening)
+        if envelope.end is not None and now < envelope.end <= limit:
+            bounds.add(envelope.end)
     for claim in state.claims:
-        if now < claim.earliest_start <= limit:
-            bounds.add(claim.earliest_start)
-    return sorted(bounds)
+        if claim.name == own_claim:
+            continue
+        if claim.end is not None and now < claim.end <= limit:
+            bounds.add(claim.end)
+            gives.add(claim.end)
+        if request.max_duration is not None:
+            last = claim.earliest_start - request.max_duration
+            if now < last <= limit:
+                bounds.add(last)
+    return _Edges(sorted(bounds), frozenset(opens), frozenset(opens | gives))
+
+
+def claims_at(
+    claims: Iterable[ReservationClaim], at: datetime, own_claim: str | None = None
+) -> tuple[ReservationClaim, ...]:
+    """Claims still holding GPUs at ``at``: all but the Run's own and those whose interval ended.
+
+    Claims that start after ``at`` stay: the backfill rule (``claim_protection``) lets the Run
+    use them only when its walltime ends before they start.
+    """
+    return tuple(c for c in claims if c.name != own_claim and (c.end is None or c.end > at))
 
 
 def _released(meter: Meter, gpus: int) -> Meter:
@@ -219,7 +267,7 @@ def _attempt(
     own_claim: str | None,
 ) -> Start | Blocked:
     ended = timeline.ended(at)
-    claims = tuple(c for c in state.claims if c.name != own_claim and c.earliest_start <= at)
+    claims = claims_at(state.claims, at, own_claim)
     return try_start(
         request,
         dataclasses.replace(state, claims=claims),
@@ -232,27 +280,29 @@ def _attempt(
 def earliest_start(
     request: RunRequest, state: ClusterState, *, own_claim: str | None = None
 ) -> tuple[datetime, Confidence, Placement | None]:
-    """Replay the timeline stretch by stretch (stretches split at window and claim instants).
+    """Replay the timeline stretch by stretch (stretches split at window and claim edges).
 
-    Inside a stretch only lease ends happen; they only add capacity and headroom, so feasibility
-    is monotone there. The cheap capacity test finds where an attempt can first succeed, then a
-    galloping search (1, 2, 4, … candidates ahead, then bisection) bounds the cover+pack
-    attempts to O(log n) per stretch.
+    Inside a stretch only lease ends happen; they only add capacity and headroom while the
+    binding claims stay the same, so feasibility is monotone there. The cheap capacity test
+    finds where an attempt can first succeed, then a galloping search (1, 2, 4, … candidates
+    ahead, then bisection) bounds the cover+pack attempts to O(log n) per stretch. Leases
+    already past their walltime count as ending now.
     """
     scope = request_scope(request, state)
     timeline = _Timeline(request, state, scope)
     limit = state.now + state.settings.horizon
-    ends = sorted({t for t in timeline.ends if state.now < t <= limit})
+    ends = sorted({max(t, state.now) for t in timeline.ends if t <= limit})
     room_from = timeline.room_from
     if room_from is None:
         return state.now + state.settings.conservative_lead, Confidence.CONSERVATIVE, None
-    edges: list[datetime | None] = [None, *_boundaries(request, state)]
-    for i, start in enumerate(edges):
-        stop = edges[i + 1] if i + 1 < len(edges) else None
+    edges = _edges(request, state, own_claim)
+    stretches: list[datetime | None] = [None, *edges.instants]
+    for i, start in enumerate(stretches):
+        stop = stretches[i + 1] if i + 1 < len(stretches) else None
         lo = 0 if start is None else bisect.bisect_left(ends, start)
         hi = len(ends) if stop is None else bisect.bisect_left(ends, stop)
         times = ends[lo:hi]
-        if start is not None and (not times or times[0] != start):
+        if start in edges.gives and (not times or times[0] != start):
             times = [start, *times]
         times = times[bisect.bisect_left(times, room_from) :]
         if not times:
@@ -260,9 +310,25 @@ def earliest_start(
         fits = _first_fit(times, lambda t: _attempt(request, state, timeline, t, own_claim))
         if fits is not None:
             at, placement = fits
-            confidence = Confidence.WINDOW_ALIGNED if at == start else Confidence.WALLTIME
-            return at, confidence, placement
+            return at, label(at, edges.opens), placement
     return state.now + state.settings.conservative_lead, Confidence.CONSERVATIVE, None
+
+
+def walltime_backfill_eta(request: RunRequest, state: ClusterState) -> datetime | None:
+    """The plain walltime-backfill answer (Slurm's ``squeue --start``): the first instant enough
+    GPUs in scope are free once running leases reach their walltime, ignoring budgets and queued
+    Reservations. Only the replay's baseline: the promise is :func:`earliest_start`."""
+    return _Timeline(request, state, request_scope(request, state)).room_from
+
+
+def label(at: datetime, window_openings: frozenset[datetime]) -> Confidence:
+    """What determines a found ETA: a window opening, else the walltimes that end by then.
+
+    The first fit is always at a candidate where capacity or headroom grew — a lease end, a
+    claim's end (the claimant's walltime) or a window opening; window closings and backfill
+    limits only take room away, so they never determine an ETA.
+    """
+    return Confidence.WINDOW_ALIGNED if at in window_openings else Confidence.WALLTIME
 
 
 def _first_fit(
@@ -303,18 +369,85 @@ def forecast(
     scope = request_scope(request, state)
     at, confidence, placement = earliest_start(request, state, own_claim=own_claim)
     protected_runs = [request.key]
+    held = open_claims(state.claims, scope, own_claim)
     if blocked.stage == "cover":
-        envelope = _funding_scope(request, state)
+        envelope = funding_scope(request, state)
         deficit = max(blocked.shortfall, 0)
         cuts = remedies(
             deficit if envelope is not None else 0,
             scope,
-            state.open_leases,
+            _cuttable_leases(state, scope, request.key, envelope),
             state.runs,
             protected_runs,
             funding_scope_envelope=envelope,
         )
-        return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope)
+        return Forecast(at, confidence, blocked, scope, deficit, cuts, placement, envelope, held)
     missing = capacity_deficit(request, state.topology, scope)
-    cuts = remedies(missing.gpus, missing.scope, state.open_leases, state.runs, protected_runs)
-    return Forecast(at, confidence, blocked, missing.scope, missing.gpus, cuts, placement)
+    leases = _cuttable_leases(state, missing.scope, request.key, None)
+    cuts = remedies(missing.gpus, missing.scope, leases, state.runs, protected_runs)
+    return Forecast(
+        at, confidence, blocked, missing.scope, missing.gpus, cuts, placement, None, held
+    )
+
+
+def _cuttable_leases(
+    state: ClusterState, scope: Scope, protected: RunKey, envelope: str | None
+) -> tuple[Lease, ...]:
+    """The open leases the remedies preview reads: every lease of a Run it may cut that has a
+    lease counting against the deficit (on a scope node, or paid by the funding envelope as
+    family or sponsor), and every lease on the nodes those Runs use (a node's occupancy decides
+    what a cut frees there). A superset of what the resolver's book touches, so the preview is
+    unchanged; it only spares building the book over the whole fleet's ledger."""
+    nodes = scope.nodes or frozenset()
+    leases = state.open_leases
+    cut = {
+        x.run
+        for x in leases
+        if x.run in state.runs
+        and x.run != protected
+        and (
+            x.envelope == envelope and x.funding is not FundingKind.OWNED
+            if envelope is not None
+            else x.node in nodes
+        )
+    }
+    touched = {x.node for x in leases if x.run in cut}
+    return tuple(x for x in leases if x.run in cut or x.node in touched)
+
+
+def open_claims(
+    claims: Iterable[ReservationClaim], scope: Scope, own_claim: str | None = None
+) -> tuple[str, ...]:
+    """Names of other claims on scope nodes with no end (their claimant has no walltime)."""
+    nodes = scope.nodes or frozenset()
+    return tuple(
+        sorted(
+            c.name
+            for c in claims
+            if c.name != own_claim and c.end is None and not nodes.isdisjoint(c.nodes)
+        )
+    )
+
+
+def reforecast_instead(
+    request: RunRequest, state: ClusterState, own_claim: str
+) -> tuple[datetime, Confidence] | None:
+    """At a ``conservative`` Reservation's earliestStart: the honest ETA to wait for instead of
+    cutting other Runs, or None when activation should go ahead.
+
+    A conservative ETA was a guess, not a slot anyone saw free, so reaching it is no licence to
+    end other people's work. Activation goes ahead when the Run fits now, when the owner is
+    reclaiming its own envelope from relatives and borrowers (funding scope), or when still
+    nothing in the horizon bounds the wait (SPEC: the configured lead, then cuts and the
+    lottery). Otherwise walltimes or a window opening now bound it: the Reservation is
+    re-forecast to that instant and the Run keeps waiting.
+    """
+    got = try_start(request, state, own_claim=own_claim)
+    if isinstance(got, Start):
+        return None
+    if got.stage == "cover" and funding_scope(request, state) is not None:
+        return None
+    at, confidence, _ = earliest_start(request, state, own_claim=own_claim)
+    if confidence is Confidence.CONSERVATIVE:
+        return None
+    return at, confidence

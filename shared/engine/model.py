@@ -288,3 +288,13 @@ class ReservationClaim:
     nodes: tuple[str, ...]
     gpus: int
     envelope: str | None = None
+    duration: timedelta | None = None
+    """The claimant's walltime (maxDuration): the claim holds its GPUs from ``earliest_start``
+    for this long; ``None`` holds them open-ended (the claimant has no walltime)."""
+    owner: str | None = None
+    """The claimant's owner: whose history predicts how much of that walltime it will use."""
+
+    @property
+    def end(self) -> datetime | None:
+        """When the claimant's walltime would be over if it started at ``earliest_start``."""
+        return None if self.duration is None else self.earliest_start + self.duration

@@ -514,7 +514,8 @@ def claim_record(obj: Obj, run: m.RunRequest | None = None) -> m.ReservationClai
     """The capacity a Pending/Active Reservation protects; None once it no longer claims.
 
     GPUs come from the ``gpus`` annotation, else the Run's narrowest start; with neither the
-    claim is unknowable (TranslateError).
+    claim is unknowable (TranslateError). Its duration is the Run's maxDuration; without the Run
+    (or without a walltime) the claim is open-ended.
     """
     resv = _parse(Reservation, obj)
     spec, meta = resv.spec, resv.metadata
@@ -537,6 +538,8 @@ def claim_record(obj: Obj, run: m.RunRequest | None = None) -> m.ReservationClai
         nodes=tuple(spec.intended_slice.nodes or ()),
         gpus=gpus,
         envelope=spec.paying_envelope,
+        duration=run.max_duration if run is not None else None,
+        owner=run.owner if run is not None else None,
     )
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -102,6 +104,23 @@ def _budgets() -> list[dict[str, Any]]:
 
 def _run(name: str, owner: str, gpus: int, **spec: Any) -> dict[str, Any]:
     return run_manifest(name, NS, OWNERS[owner], gpus, group_gpus=8, selector=NV_B, **spec)
+
+
+def _plan_file(stack: LocalStack, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``kubectl runs plan -f`` (the plugin's entry point) on a Run manifest, as JSON."""
+    path = stack.workdir / f"what-if-{manifest['metadata']['name']}.json"
+    path.write_text(json.dumps(manifest))
+    done = subprocess.run(
+        [sys.executable, "-m", "services.kubectl_runs", "plan", "-f", str(path), "-o", "json"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    record: dict[str, Any] = json.loads(done.stdout)
+    return record
 
 
 def _start_in_order(stack: LocalStack, *runs: dict[str, Any]) -> None:
@@ -221,6 +240,15 @@ def test_walltime_eta_reservation_binds_when_the_walltime_ends(
         )
         assert held == NV_B_NODES, f"nv-b is not full: {held}"
 
+        # --- before submitting: the what-if (`kubectl runs plan -f`) promises the same ETA ----
+        what_if = _plan_file(stack, _run("waiting", "big", 64))
+        assert what_if["startsNow"] is False, what_if
+        assert parse_time(what_if["earliestStart"]) == walltime_end, what_if
+        assert what_if["confidence"] == "walltime", what_if
+        assert sorted(what_if["slice"]) == wall_nodes, what_if
+        assert {r["run"] for r in what_if["atRisk"]} == {f"{NS}/spared", f"{NS}/wall"}, what_if
+        assert stack.kubectl_json("get", RESERVATIONS, "-n", NS)["items"] == []  # nothing written
+
         apply_yaml(stack, _run("waiting", "big", 64))
         resv = _reservation_of(stack, "waiting")
         name = resv["metadata"]["name"]
@@ -246,6 +274,11 @@ def test_walltime_eta_reservation_binds_when_the_walltime_ends(
         }, forecast["remedies"]
         assert forecast["conflictSet"] == [f"{NS}/spared", f"{NS}/wall"], forecast
         assert forecast["killProbability"] == {f"{NS}/spared": 0.5, f"{NS}/wall": 1}, forecast
+        # The expected start, learnt from the ledger, never later than the guarantee.
+        expected = [parse_time(forecast[k]) for k in ("expectedStartP10", "expectedStart")]
+        expected.append(parse_time(forecast["expectedStartP90"]))
+        assert expected == sorted(expected) and expected[-1] <= walltime_end, forecast
+        assert "completed Runs" in forecast["expectedBasis"], forecast
         waiting = run_status(stack, NS, "waiting")
         assert waiting.get("phase") == "Reserved", waiting
         assert waiting.get("pendingReservation") == name, waiting

@@ -558,3 +558,65 @@ def test_watch_streams_until_a_terminal_phase(cli: Cli) -> None:
     assert "width 64 allocated of 128 desired, 64 pending" in text
     assert "opened 8 GPUs on cli-gpu-a-01" in text
     assert text.rstrip().endswith("phase Running → Completed")
+
+
+def test_plan_file_is_a_read_only_what_if(cli: Cli, tmp_path: Path) -> None:
+    """`plan -f` for a Run not yet submitted: the same engine on the cluster's objects, nothing
+    written. The owner's standing envelope funds nv-a only and the nv-b sprint window opens in
+    2030, beyond the 30-day horizon: an 8-GPU Run on nv-b has no funded room and nothing bounds
+    its wait (conservative, the 24 h lead)."""
+    cli("submit", "-f", str(REPO / "config/samples/budgets/budget-west-h100.yaml"))
+    patch_status(
+        cli,
+        "node",
+        "cli-gpu-b-01",
+        {
+            "capacity": {"nvidia.com/gpu": "8"},
+            "allocatable": {"nvidia.com/gpu": "8"},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "test",
+                    "lastHeartbeatTime": rfc3339(datetime.now(UTC)),
+                    "lastTransitionTime": rfc3339(datetime.now(UTC)),
+                }
+            ],
+        },
+        ns=None,
+    )
+    run = run_manifest("cli-whatif")
+    run["spec"]["resources"]["totalGPUs"] = 8
+    run["spec"].pop("malleable", None)
+    run["spec"]["locality"] = {
+        "groupGPUs": 8,
+        "selector": {"region": "us-west", "cluster": "gpu-b", "fabric.domain": "nv-b"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    reservations_before = cli.kubectl(
+        "get", "reservations.rq.davidlangworthy.io", "-n", NS, "-o", "name"
+    )
+
+    record = cli.json("plan", "-f", str(path))
+    assert record["startsNow"] is False
+    assert (record["stage"], record["reason"]) == ("pack", "NoFundedCapacity")
+    assert record["confidence"] == "conservative"
+    assert abs(record["earliestStartInSeconds"] - 24 * 3600) < 120
+    assert record["scope"] == "H100-80GB@us-west/gpu-b/nv-b"
+    assert record["expected"]["expectedStart"] == record["earliestStart"]  # nothing to learn from
+    assert record["expected"]["basis"] == "no completed Runs yet: walltimes"
+    text = cli("plan", "-f", str(path)).stdout
+    assert "not submitted" in text and "NoFundedCapacity" in text
+    assert "Guarantee:" in text and "conservative" in text and "Expected:  expected ~" in text
+    # Read-only: no Run, no Reservation was created.
+    missing = cli.kubectl(
+        "get", "runs.rq.davidlangworthy.io", "-n", NS, "--ignore-not-found", "-o", "name"
+    )
+    assert "cli-whatif" not in missing
+    assert cli.kubectl("get", "reservations.rq.davidlangworthy.io", "-n", NS, "-o", "name") == (
+        reservations_before
+    )
+    bad = cli("plan", "-f", str(REPO / "config/samples/budgets/budget-west-h100.yaml"), ok=False)
+    assert bad.returncode != 0 and "kind: Run" in bad.stderr

@@ -226,10 +226,10 @@ async def test_reserve_for_a_location_without_nodes_is_refused_with_a_typed_reas
 async def test_requests_of_a_burst_share_one_snapshot(forecaster: Forecaster) -> None:
     """Rebuilding the engine view replays the whole ledger: RESERVEs of a burst on an unchanged
     cache share one snapshot, a later instant gets a fresh one."""
-    now = datetime.now(UTC)
-    first = forecaster.snapshot(now)
-    assert forecaster.snapshot(now + timedelta(milliseconds=500)) is first
-    assert forecaster.snapshot(now + timedelta(seconds=2)) is not first
+    first = forecaster.snapshot(datetime.now(UTC))
+    # Measured from the snapshot's own instant: the timer may have taken it a moment ago.
+    assert forecaster.snapshot(first.now + timedelta(milliseconds=500)) is first
+    assert forecaster.snapshot(first.now + timedelta(seconds=2)) is not first
 
 
 def _below(obj: dict[str, Any], seconds: int) -> None:
@@ -260,6 +260,68 @@ async def test_a_spec_change_cancels_the_reservation_and_clears_the_risk(
             assert cond is not None and cond["status"] == "False", cond
 
     await h.eventually(cleared)
+
+
+async def test_a_conservative_promise_reached_without_room_is_reforecast_not_cut(
+    crds: ControlPlane, namespace: str, forecaster: Forecaster, holders: dict[str, str]
+) -> None:
+    """Both nodes are busy until walltimes 1h and 2h away: at the earliestStart of a
+    conservative Reservation nothing fits, but walltimes now bound the wait, so the forecaster
+    cancels it ``Reforecast`` (admission reserves the Run again) and no lease is cut."""
+    run = make_run(crds, namespace, "patient", 8)
+    before = h.sample("jobtree_reservations_reforecast_total")
+    due = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
+    manifest = h.reservation_manifest(
+        namespace,
+        "patient-resv",
+        run="patient",
+        labels=DOMAIN,
+        nodes=["fc-01"],
+        earliest_start=due.isoformat().replace("+00:00", "Z"),
+        gpus=8,
+    )
+    manifest["metadata"]["labels"] = {
+        "app.kubernetes.io/managed-by": "jobtree-forecast",
+        f"{h.GROUP}/run-uid": label_value(run["metadata"]["uid"]),
+    }
+    manifest["metadata"]["annotations"][f"{h.GROUP}/run-generation"] = str(
+        run["metadata"]["generation"]
+    )
+    h.apply(crds, manifest)
+    crds.kubectl(
+        "patch",
+        h.RESERVATIONS,
+        "patient-resv",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "status": {
+                    "state": "Pending",
+                    "reason": "NoCapacity",
+                    "message": "nothing bounds the wait",
+                    "countdownSeconds": 2,
+                    "forecast": {"deficitGPUs": 8, "confidence": "conservative"},
+                }
+            }
+        ),
+    )
+
+    def reforecast() -> dict[str, Any]:
+        status: dict[str, Any] = reservation(crds, namespace, "patient-resv").get("status") or {}
+        assert status.get("state") == "Canceled", status
+        return status
+
+    status = await h.eventually(reforecast, timeout=30)
+    assert status["reason"] == "Reforecast", status
+    assert "walltime now bounds the wait" in status["message"], status
+    assert "activatedAt" not in status and not status.get("audit"), status
+    for lease in holders.values():
+        assert not h.get_json(crds, h.LEASES, lease).get("status", {}).get("closed"), lease
+    assert h.sample("jobtree_reservations_reforecast_total") >= before + 1
 
 
 async def test_the_timer_activates_an_administrator_reservation_through_the_resolver(

@@ -13,6 +13,7 @@ from shared.control.activation import Target, decide
 from shared.control.reservations import (
     AT_RISK,
     FORECAST_FIELDS,
+    REFORECAST,
     RunFacts,
     Step,
     active_status,
@@ -20,12 +21,14 @@ from shared.control.reservations import (
     cancel_reason,
     canceled_status,
     cleared_condition,
+    is_conservative,
     next_reservation_name,
     next_step,
     owned_status,
     pending_status,
     preview_status,
     read_reservation,
+    reforecast_reason,
     refreshed_status,
     reservation_manifest,
     reservation_name,
@@ -36,6 +39,7 @@ from shared.control.reservations import (
     waiting_status,
 )
 from shared.engine.admit import Blocked, try_start
+from shared.engine.durations import Expected
 from shared.engine.forecast import Confidence, Forecast, forecast
 from shared.engine.lottery import Token, verify
 from shared.engine.model import (
@@ -457,3 +461,62 @@ def test_owned_status_drops_the_nulls_the_api_server_leaves_for_emptied_maps() -
         "state": "Pending",
         "forecast": {"deficitGPUs": 8, "conflictSet": []},
     }
+
+
+def test_the_expected_start_and_its_spread_are_published_and_read_back_into_the_claim() -> None:
+    state = state_with(WALLTIME)
+    got = forecast_of(state)
+    expected = Expected(
+        T0 + timedelta(hours=2),
+        T0 + timedelta(hours=1),
+        T0 + timedelta(hours=4),
+        212,
+        "212 completed Runs of org:lab:x",
+    )
+    name = reservation_name(REF.name, REF.uid)
+    manifest = reservation_manifest(name, REF, request(), got, state.topology)
+    obj = stored(manifest, pending_status(got, T0, expected))
+    resv = parse_object(obj)
+    assert isinstance(resv, Reservation) and resv.status is not None
+    fc = resv.status.forecast
+    assert fc is not None
+    assert (fc.expected_start, fc.expected_start_p10, fc.expected_start_p90) == (
+        T0 + timedelta(hours=2),
+        T0 + timedelta(hours=1),
+        T0 + timedelta(hours=4),
+    )
+    assert fc.expected_basis == "212 completed Runs of org:lab:x"
+    assert fc.open_claims is None
+    # The claim carries the claimant's walltime and owner (whose history shortens it).
+    claim = claim_record(obj, request())
+    assert claim is not None
+    assert (claim.owner, claim.duration) == (OWNER, request().max_duration)
+
+
+def test_open_ended_claims_in_scope_are_named() -> None:
+    state = state_with(WALLTIME)
+    got = forecast_of(state)
+    status = preview_status(
+        deficit=got.deficit_gpus,
+        scope=got.scope,
+        remedies=got.remedies,
+        reason="NoCapacity",
+        message="",
+        earliest_start=got.earliest_start,
+        now=T0,
+        open_claims=["other-resv"],
+    )
+    manifest = reservation_manifest("r", REF, request(), got, state.topology)
+    resv = parse_object(stored(manifest, status))
+    assert isinstance(resv, Reservation) and resv.status and resv.status.forecast
+    assert resv.status.forecast.open_claims == ["other-resv"]
+
+
+def test_conservative_reservations_are_recognised_and_the_reforecast_says_why() -> None:
+    state = state_with(dict.fromkeys(("a1", "a2", "a3", "a4")))
+    got = forecast_of(state)
+    manifest = reservation_manifest("r", REF, request(), got, state.topology)
+    view = read_reservation(stored(manifest, pending_status(got, T0)))
+    assert is_conservative(view)
+    reason, message = reforecast_reason(T0 + timedelta(hours=3), Confidence.WALLTIME)
+    assert reason == REFORECAST and "walltime now bounds the wait" in message

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.engine.lottery import (
+    KILL_PROBABILITY_ERROR,
+    KILL_PROBABILITY_MAX_STATES,
     Draw,
     Token,
     canonical_time,
@@ -20,6 +22,7 @@ from shared.engine.lottery import (
     replay,
     run_lottery,
     seed_material,
+    state_bound,
     token_sort_key,
     verify,
 )
@@ -279,3 +282,37 @@ def test_kill_probability_bounds(tokens: list[Token], deficit: int) -> None:
     # Expected number of runs hit is at least one when there is anything to draw.
     if tokens[:6]:
         assert sum(risk.values()) >= 1.0 - 1e-9
+
+
+def test_state_bound_decides_exact_or_sampled_before_any_work() -> None:
+    five = [tok("solo", "s0", 1)] + [tok("many", f"m{i}", 1) for i in range(4)]
+    assert state_bound(five, 1, 100) == 1 + 5  # one draw at most: the empty set and 5 singles
+    assert state_bound(five, 2, 100) == 1 + 5 + 10
+    wide = [tok(f"o{i % 7}", f"w{i}", 1) for i in range(200)]
+    assert state_bound(wide, 50, KILL_PROBABILITY_MAX_STATES) > KILL_PROBABILITY_MAX_STATES
+
+
+def test_sampled_kill_probability_is_within_its_stated_error_of_the_exact_one() -> None:
+    tokens = [tok(f"o{i % 3}", f"t{i}", 1 + i % 2) for i in range(9)]
+    exact = kill_probability(tokens, 4)
+    sampled = kill_probability(tokens, 4, max_states=1)
+    assert sampled == kill_probability(tokens, 4, max_states=1)  # deterministic
+    assert set(sampled) == set(exact)
+    # Each estimate is within the stated error at 95 % confidence; over nine runs one may fall
+    # just outside it, none beyond twice it (a 4-sigma band), and on average they are within it.
+    misses = [abs(sampled[run] - p) for run, p in exact.items()]
+    assert max(misses) <= 2 * KILL_PROBABILITY_ERROR, misses
+    assert sum(misses) / len(misses) <= KILL_PROBABILITY_ERROR, misses
+
+
+def test_sampled_kill_probability_of_malleable_groups_matches_the_exact_one() -> None:
+    groups = [
+        Token(f"o{r % 2}", ("ns", f"m{r}"), g, 2, (f"m{r}-{g}",), 2, 4)
+        for r in range(3)
+        for g in range(3)
+    ]
+    tokens = [*groups, tok("o2", "fixed", 3)]
+    exact = kill_probability(tokens, 5)
+    sampled = kill_probability(tokens, 5, max_states=1)
+    misses = [abs(sampled[run] - p) for run, p in exact.items()]
+    assert max(misses) <= 2 * KILL_PROBABILITY_ERROR, misses
