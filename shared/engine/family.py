@@ -1,10 +1,22 @@
 """The budget family tree: who is owner, sibling, parent or cousin of whom.
 
 Cover (SPEC §3) funds a Run from relatives in a fixed structural order instead of numeric
-priorities, so the tree must answer "who is related how" deterministically. Owners are
-colon-separated paths (``org:ai:rai:sys``); a Budget names its parents explicitly or inherits the
-path parent (owner minus its last ``:`` segment). Explicit parents may name several owners, so the
-tree is really a DAG; every query below is defined for that general case.
+priorities, so the tree must answer "who is related how" deterministically.
+
+**The family is the tree of Budgets that exist** (SPEC §2). Owners are colon-separated paths
+(``org:ai:rai:sys``), but a path alone relates nobody. The nodes of the tree are the owners that
+have at least one Budget; a node's direct parents are
+
+* the owners its Budgets name in ``spec.parents`` (those that have a Budget), else
+* its path parent (owner minus its last ``:`` segment) when a Budget with that owner exists.
+
+An owner without a Budget links nothing: ``org:ai:a`` and ``org:ai:b`` are strangers unless a
+Budget for ``org:ai`` exists or one of them names the other's parent in ``spec.parents``, and the
+shared prefix ``org`` of every owner relates nobody without a Budget for ``org``. Money moves
+between strangers only by lending (cover's sponsor step). A path parent is only the *immediate*
+one: skipping a level (``org:ai:rai:sys`` under ``org:ai`` with no ``org:ai:rai`` Budget) takes an
+explicit ``spec.parents``. Explicit parents may name several owners, so the tree is really a DAG;
+every query below is defined for that general case.
 
 Relation rules (documented in ``docs/engine-cover.md``):
 
@@ -17,20 +29,26 @@ Relation rules (documented in ``docs/engine-cover.md``):
   name. Descendants therefore come first (their common ancestor is the owner itself), then
   nephews, then first cousins, and so on.
 
-"Known owners" are the owners of budgets plus all their ancestors; owners without budgets still
-link the tree (``org:ai`` connects ``org:ai:a`` and ``org:ai:b`` even with no Budget of its own).
+The index is immutable (decisions read it from a frozen snapshot) but cheap to advance:
+:meth:`Family.updated` applies Budget events and keeps every memoised relation that the event
+cannot have changed, so a watch cache never rebuilds it per decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from shared.engine.model import AggregateCap, Budget, Envelope
 
+_T = TypeVar("_T")
+_MEMO_LIMIT = 4096
+"""Derived views kept per index (``cached``); beyond it the oldest half is dropped."""
+
 
 def path_parent(owner: str) -> tuple[str, ...]:
-    """Default parent: the owner path minus its last ``:`` segment (none for a root)."""
+    """The owner path minus its last ``:`` segment (none for a root); a parent only if budgeted."""
     head, sep, _ = owner.rpartition(":")
     return (head,) if sep and head else ()
 
@@ -60,29 +78,59 @@ class Candidates:
     cousins: Keyed
 
 
+def _tree(budgets: Iterable[Budget]) -> dict[str, tuple[str, ...]]:
+    """Direct parents of every budgeted owner under the rule above (the tree's whole shape)."""
+    budgets = tuple(budgets)
+    owners = {b.owner for b in budgets}
+    explicit: dict[str, list[str]] = {}
+    for budget in budgets:
+        if budget.parents:
+            seen = explicit.setdefault(budget.owner, [])
+            seen.extend(p for p in budget.parents if p not in seen and p != budget.owner)
+    tree: dict[str, tuple[str, ...]] = {}
+    for owner in sorted(owners):
+        named = explicit.get(owner)
+        candidates = tuple(named) if named else path_parent(owner)
+        tree[owner] = tuple(p for p in candidates if p in owners)
+    return tree
+
+
 class Family:
     """Immutable index over a set of Budgets; queries are memoised per owner."""
 
     __slots__ = (
         "_budgets",
+        "_by_name",
         "_by_owner",
         "_candidates",
         "_caps",
         "_caps_for",
         "_children",
         "_envelopes",
-        "_explicit_parents",
         "_flavored",
         "_known",
+        "_memo",
+        "_parents",
         "_relatives",
         "_up",
     )
 
     def __init__(self, budgets: Iterable[Budget]) -> None:
-        self._budgets: tuple[Budget, ...] = tuple(sorted(budgets, key=lambda b: b.name))
+        by_name: dict[str, Budget] = {}
+        for budget in budgets:
+            by_name[budget.name] = budget
+        self._index(by_name)
+        self._up: dict[str, dict[str, int]] = {}
+        self._relatives: dict[str, Relatives] = {}
+        self._flavored: dict[tuple[str, str], Keyed] = {}
+        self._candidates: dict[tuple[str, str], Candidates] = {}
+        self._memo: dict[Any, Any] = {}
+
+    def _index(self, by_name: Mapping[str, Budget]) -> None:
+        self._by_name = dict(by_name)
+        self._budgets: tuple[Budget, ...] = tuple(by_name[n] for n in sorted(by_name))
         self._envelopes: dict[str, Envelope] = {}
         by_owner: dict[str, list[Envelope]] = {}
-        explicit: dict[str, list[str]] = {}
         self._caps: dict[str, AggregateCap] = {}
         caps_for: dict[str, list[AggregateCap]] = {}
         for budget in self._budgets:
@@ -92,9 +140,6 @@ class Family:
                     raise ValueError(f"duplicate envelope key {env.key!r}")
                 self._envelopes[env.key] = env
                 owned.append(env)
-            if budget.parents:
-                seen = explicit.setdefault(budget.owner, [])
-                seen.extend(p for p in budget.parents if p not in seen and p != budget.owner)
             for cap in budget.caps:
                 if cap.key in self._caps:
                     raise ValueError(f"duplicate aggregate cap key {cap.key!r}")
@@ -105,30 +150,62 @@ class Family:
         self._by_owner: dict[str, tuple[Envelope, ...]] = {
             o: tuple(envs) for o, envs in by_owner.items()
         }
-        self._explicit_parents: dict[str, tuple[str, ...]] = {
-            o: tuple(ps) for o, ps in explicit.items()
-        }
         self._caps_for: dict[str, tuple[AggregateCap, ...]] = {
             k: tuple(v) for k, v in caps_for.items()
         }
-        known: set[str] = set()
-        stack = list(self._by_owner)
-        while stack:
-            owner = stack.pop()
-            if owner in known:
-                continue
-            known.add(owner)
-            stack.extend(self.direct_parents(owner))
-        self._known: tuple[str, ...] = tuple(sorted(known))
+        self._parents = _tree(self._budgets)
+        self._known: tuple[str, ...] = tuple(self._parents)
         children: dict[str, list[str]] = {}
-        for owner in self._known:
-            for parent in self.direct_parents(owner):
+        for owner, parents in self._parents.items():
+            for parent in parents:
                 children.setdefault(parent, []).append(owner)
         self._children: dict[str, tuple[str, ...]] = {p: tuple(c) for p, c in children.items()}
-        self._up: dict[str, dict[str, int]] = {}
-        self._relatives: dict[str, Relatives] = {}
-        self._flavored: dict[tuple[str, str], Keyed] = {}
-        self._candidates: dict[tuple[str, str], Candidates] = {}
+
+    def updated(self, upserts: Iterable[Budget] = (), deletes: Iterable[str] = ()) -> Family:
+        """A new index with Budgets added/replaced (by name) and removed; ``self`` is unchanged.
+
+        Relations survive when the tree's shape (owners and their direct parents) is the same —
+        the common case of an envelope's concurrency or window changing. Envelope lists survive for
+        every owner the event did not touch; derived views (``cached``) are dropped.
+        """
+        by_name = dict(self._by_name)
+        touched: set[str] = set()
+        for name in deletes:
+            old = by_name.pop(name, None)
+            if old is not None:
+                touched.add(old.owner)
+        for budget in upserts:
+            old = by_name.get(budget.name)
+            if old is not None:
+                touched.add(old.owner)
+            touched.add(budget.owner)
+            by_name[budget.name] = budget
+        new = Family.__new__(Family)
+        new._index(by_name)
+        new._memo = {}
+        if new._parents == self._parents:
+            new._up = self._up
+            new._relatives = self._relatives
+            new._flavored = {k: v for k, v in self._flavored.items() if k[0] not in touched}
+            new._candidates = {
+                k: v
+                for k, v in self._candidates.items()
+                if touched.isdisjoint(self._relatives[k[0]].members)
+            }
+        else:
+            new._up, new._relatives, new._flavored, new._candidates = {}, {}, {}, {}
+        return new
+
+    def cached(self, key: Any, compute: Callable[[], _T]) -> _T:
+        """A view derived from these Budgets only, computed once per index (cover's orders)."""
+        try:
+            value: _T = self._memo[key]
+        except KeyError:
+            if len(self._memo) >= _MEMO_LIMIT:
+                for old in list(self._memo)[: _MEMO_LIMIT // 2]:
+                    del self._memo[old]
+            value = self._memo[key] = compute()
+        return value
 
     # -- plain lookups -------------------------------------------------------------------------
 
@@ -138,7 +215,7 @@ class Family:
         return self._budgets
 
     def owners(self) -> tuple[str, ...]:
-        """Known owners (budget owners and their ancestors), sorted."""
+        """Owners that have a Budget (the tree's nodes), sorted."""
         return self._known
 
     def envelopes_of(self, owner: str) -> tuple[Envelope, ...]:
@@ -162,12 +239,11 @@ class Family:
         return self._caps_for.get(envelope_key, ())
 
     def direct_parents(self, owner: str) -> tuple[str, ...]:
-        """spec.parents when any of the owner's budgets names them, else the path parent."""
-        explicit = self._explicit_parents.get(owner)
-        return explicit if explicit else path_parent(owner)
+        """Budgeted owners named in spec.parents, else the path parent if it has a Budget."""
+        return self._parents.get(owner, ())
 
     def children_of(self, owner: str) -> tuple[str, ...]:
-        """Known owners naming this owner as a direct parent, sorted."""
+        """Owners naming this owner as a direct parent, sorted."""
         return self._children.get(owner, ())
 
     def flavored(self, owner: str, flavor: str) -> Keyed:
@@ -209,6 +285,17 @@ class Family:
     def cousins_of(self, owner: str) -> tuple[str, ...]:
         """Other family (descendants included), nearest common ancestor first."""
         return self.relatives(owner).cousins
+
+    def descendants_of(self, owner: str) -> tuple[str, ...]:
+        """Owners below this one in the tree (children, grandchildren, …), sorted."""
+        seen: set[str] = set()
+        stack = list(self.children_of(owner))
+        while stack:
+            child = stack.pop()
+            if child not in seen and child != owner:
+                seen.add(child)
+                stack.extend(self.children_of(child))
+        return tuple(sorted(seen))
 
     def is_family(self, owner: str, other: str) -> bool:
         """True when ``other`` is the owner or any relative (shares an ancestor or descends)."""

@@ -46,6 +46,7 @@ from tests.unit.engine.budgets import (
     lending,
     loc,
     request,
+    root,
 )
 
 H = timedelta(hours=1)
@@ -127,6 +128,7 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
             budget(ME, env("w", 4, selector=WEST), env("e", 4, selector=EAST)),
             budget("org:ai:rai:ml", env("e", 4, selector=EAST), env("w", 4, selector=WEST)),
             budget("org:ai:rai:x", env("eu", 4, selector=loc("eu-west"))),
+            root("org:ai:rai"),
         ]
     )
     f = funded(cover(request(ME, 4), fam, empty(), now=T0))
@@ -141,7 +143,9 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
 
 
 def test_owner_without_envelopes_takes_family_anywhere() -> None:
-    fam = Family([budget("org:ai:rai", env("w", 4, selector=WEST))])
+    fam = Family(
+        [budget(ME, env("a", 4, flavor=A100)), budget("org:ai:rai", env("w", 4, selector=WEST))]
+    )
     f = funded(cover(request(ME, 4), fam, empty(), now=T0))
     assert keys(f) == [key("org:ai:rai", "w")]
     assert f.offers[0].kind is FundingKind.FAMILY
@@ -165,13 +169,21 @@ def test_only_the_run_flavor_pays() -> None:
 
 
 def test_family_sharing_needs_no_allow_borrow() -> None:
-    fam = Family([budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8))])
+    fam = Family(
+        [budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8)), root("org:ai:rai")]
+    )
     f = funded(cover(request(ME, 12), fam, empty(), now=T0))
     assert allocate(f, 12) == ((key(ME, "e"), 4), (key("org:ai:rai:ml", "e"), 8))
 
 
 def test_sponsor_who_is_family_is_used_as_family_without_acl() -> None:
-    fam = Family([budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8, lend=Lending()))])
+    fam = Family(
+        [
+            budget(ME, env("e", 4)),
+            budget("org:ai:rai:ml", env("e", 8, lend=Lending())),
+            root("org:ai:rai"),
+        ]
+    )
     req = request(ME, 12, allow_borrow=True, sponsors=["org:ai:rai:ml"])
     f = funded(cover(req, fam, empty(), now=T0))
     assert [(o.envelope.key, o.kind) for o in f.offers] == [
@@ -283,7 +295,7 @@ def test_aggregate_cap_gpu_hours_and_usage() -> None:
 
 def test_exhausted_aggregate_cap_hides_its_offers() -> None:
     b = budget(ME, env("a", 8), caps=[cap("c", ["a"], max_concurrency=2)])
-    fam = Family([b, budget("org:ai:rai:ml", env("e", 8))])
+    fam = Family([b, budget("org:ai:rai:ml", env("e", 8)), root("org:ai:rai")])
     u = usage_from_ledger([lease("l", key(ME, "a"), 2, T0)], b.caps, now=T0)
     f = funded(cover(request(ME, 4), fam, u, now=T0))
     assert keys(f) == [key("org:ai:rai:ml", "e")]
@@ -453,7 +465,9 @@ def test_no_envelope_in_an_unrelated_tree() -> None:
 
 
 def test_insufficient_capacity_message_has_numbers() -> None:
-    fam = Family([budget(ME, env("e", 64)), budget("org:ai:rai:ml", env("e", 32))])
+    fam = Family(
+        [budget(ME, env("e", 64)), budget("org:ai:rai:ml", env("e", 32)), root("org:ai:rai")]
+    )
     d = denied(cover(request(ME, 128), fam, empty(), now=T0), CoverFailure.INSUFFICIENT_CAPACITY)
     assert d.shortfall == 32
     assert "owned 64, family 32" in d.message
