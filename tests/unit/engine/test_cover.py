@@ -97,7 +97,7 @@ def _six_step_family() -> Family:
 def test_six_steps_in_order_with_requested_location() -> None:
     fam = _six_step_family()
     req = request(ME, 8, selector=EAST, allow_borrow=True, sponsors=["ext:far", "ext:lab"])
-    f = funded(cover(req, fam, empty(), now=T0))
+    f = funded(cover(req, fam, empty(), now=T0, complete=True))
     k = {o: key(o, "east") for o in (ME, "org:ai:rai:ml", "org:ai:rai", "org:ai")}
     w = {o: key(o, "west") for o in (ME, "org:ai:rai:ml", "org:ai:rai", "org:ai")}
     assert keys(f) == [
@@ -131,7 +131,7 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
             root("org:ai:rai"),
         ]
     )
-    f = funded(cover(request(ME, 4), fam, empty(), now=T0))
+    f = funded(cover(request(ME, 4), fam, empty(), now=T0, complete=True))
     # siblings: WEST (owner's first location) before EAST; eu-west is elsewhere (step 4).
     assert keys(f) == [
         key(ME, "w"),
@@ -140,6 +140,26 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
         key("org:ai:rai:ml", "e"),
         key("org:ai:rai:x", "eu"),
     ]
+
+
+def test_cover_stops_pricing_once_the_demand_is_funded() -> None:
+    fam = Family(
+        [
+            budget(ME, env("w", 4, selector=WEST), env("e", 4, selector=EAST)),
+            budget("org:ai:rai:ml", env("e", 4, selector=EAST)),
+            root("org:ai:rai"),
+        ]
+    )
+    lazy = funded(cover(request(ME, 6), fam, empty(), now=T0))
+    assert keys(lazy) == [key(ME, "w"), key(ME, "e")] and not lazy.complete
+    whole = funded(cover(request(ME, 6), fam, empty(), now=T0, complete=True))
+    assert keys(whole) == [key(ME, "w"), key(ME, "e"), key("org:ai:rai:ml", "e")]
+    assert whole.complete and allocate(lazy, 6) == allocate(whole, 6)
+    # The last offer funds it: nothing was left unpriced.
+    assert funded(cover(request(ME, 12), fam, empty(), now=T0)).complete
+    # A rack-level payer makes pack's node sets depend on every offer: cover lists them all.
+    racked = fam.updated([budget("org:ai:rai:ml", env("e", 4, selector={**EAST, "rack": "r1"}))])
+    assert funded(cover(request(ME, 6), racked, empty(), now=T0)).complete
 
 
 def test_owner_without_envelopes_takes_family_anywhere() -> None:
