@@ -148,7 +148,7 @@ def build_parser() -> Parser:
     budgets = _command(subs, "budgets", "budget views", None)
     budget_subs = budgets.add_subparsers(dest="budgets_command", metavar="COMMAND", required=True)
     p = _command(budget_subs, "usage", "headroom per envelope and aggregate cap", cmd_usage)
-    p.add_argument("--owner", help="owner, family prefix (org:ai) or glob")
+    p.add_argument("--owner", help="owner, with those below it in the budget tree, or a glob")
     p.add_argument(
         "--spare-factor",
         type=float,
@@ -166,7 +166,7 @@ def build_parser() -> Parser:
     for action in ("add", "remove"):
         p = _command(sponsor_subs, action, f"{action} a sponsor owner", cmd_sponsors_edit)
         _run_arg(p)
-        p.add_argument("owner", metavar="OWNER", help="sponsor owner, e.g. lab:vision")
+        p.add_argument("owner", metavar="OWNER", help="sponsor owner, e.g. org:vision")
 
     p = _command(subs, "shrink", "lower a malleable Run's desired width", cmd_shrink)
     _run_arg(p)
@@ -520,7 +520,9 @@ async def cmd_usage(ctx: Context, args: argparse.Namespace) -> int:
     if args.owner and not record["envelopes"] and not record["aggregateCaps"]:
         owners = sorted({str((b.get("spec") or {}).get("owner")) for b in budgets})
         raise CliError(
-            f"no budget owner matches {args.owner!r} (owners: {', '.join(owners) or 'none'})"
+            f"no budget owner matches {args.owner!r} (owners: {', '.join(owners) or 'none'}; "
+            "an owner matches those below it in the tree of Budgets, not by path prefix: "
+            "select by path with a glob such as 'org:ai:*')"
         )
     ctx.emit(record, lambda: render.usage(record, ctx.width))
     return 0
