@@ -79,11 +79,10 @@ def eager_cover(
 
     sponsor_count = acl_allowed = 0
     if request.allow_borrow and request.sponsors:
-        members = family.relatives(owner).members
         spons: Keyed = tuple(
             kv
             for s in dict.fromkeys(request.sponsors)
-            if s not in members
+            if not family.is_family(owner, s)
             for kv in family.flavored(s, flavor)
         )
         spon_in, spon_out = _split(spons, locations)

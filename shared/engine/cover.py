@@ -23,7 +23,7 @@ a location when every label key both selectors name has the same value.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
@@ -297,9 +297,12 @@ class _Order:
 
     It depends on the owner, flavor, requested location and sponsors, never on usage or time, so
     it is computed once per Family index (``Family.cached``) and every cover call only walks it.
+    Compact: the (key, envelope) pairs are the Family's own, and the funding kind is stored as
+    runs of positions (``kinds``: (end position, kind) in order).
     """
 
-    entries: tuple[_Entry, ...]
+    entries: Keyed
+    kinds: tuple[tuple[int, FundingKind], ...]
     sponsor_count: int
     """Sponsor envelopes of the flavor (listed last, ACL refusals included)."""
     acl_allowed: int
@@ -308,41 +311,66 @@ class _Order:
     """Some envelope selects below the domain (e.g. a rack): pack's per-node payer sets then
     depend on every offer, so cover never stops early for such a Run."""
 
+    def walk(self) -> Iterator[_Entry]:
+        """(key, envelope, funding kind) in order."""
+        entries, start = self.entries, 0
+        for end, kind in self.kinds:
+            for i in range(start, end):
+                key, env = entries[i]
+                yield key, env, kind
+            start = end
+
 
 def _order(request: RunRequest, family: Family, sponsors: tuple[str, ...]) -> _Order:
     owner, flavor = request.owner, request.flavor
-    cands = family.candidates(owner, flavor)
-    locations = requested_locations(request, [e for _, e in cands.own])
-    own_in, own_out = _split(cands.own, locations)
-    sibs_in, sibs_out = _split(cands.siblings, locations)
-    pars_in, pars_out = _split(cands.parents, locations)
-    cous_in, cous_out = _split(cands.cousins, locations)
+    rel = family.relatives(owner)
+
+    def of(owners: tuple[str, ...]) -> Keyed:
+        return tuple(kv for o in owners for kv in family.flavored(o, flavor))
+
+    own = family.flavored(owner, flavor)
+    locations = requested_locations(request, [e for _, e in own])
+    own_in, own_out = _split(own, locations)
+    sibs_in, sibs_out = _split(of(rel.siblings), locations)
+    pars_in, pars_out = _split(of(rel.parents), locations)
+    cous_in, cous_out = _split(of(rel.cousins), locations)
     owned, fam_kind = FundingKind.OWNED, FundingKind.FAMILY
-    ordered: list[_Entry] = [(k, e, owned) for k, e in own_in]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_in, *pars_in)]
-    ordered += [(k, e, owned) for k, e in own_out]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_out, *pars_out, *cous_in, *cous_out)]
+    runs: list[tuple[list[tuple[str, Envelope]], FundingKind]] = [
+        (own_in, owned),
+        (sibs_in + pars_in, fam_kind),
+        (own_out, owned),
+        (sibs_out + pars_out + cous_in + cous_out, fam_kind),
+    ]
     sponsor_count = acl_allowed = 0
     if sponsors:
-        members = family.relatives(owner).members
         spons: Keyed = tuple(
-            kv for s in sponsors if s not in members for kv in family.flavored(s, flavor)
+            kv
+            for s in sponsors
+            if not family.is_family(owner, s)
+            for kv in family.flavored(s, flavor)
         )
         spon_in, spon_out = _split(spons, locations)
-        ordered += [(k, e, FundingKind.SPONSOR) for k, e in (*spon_in, *spon_out)]
+        runs.append((spon_in + spon_out, FundingKind.SPONSOR))
         sponsor_count = len(spons)
         acl_allowed = sum(1 for _, e in spons if lends_to(e, owner))
+    entries: list[tuple[str, Envelope]] = []
+    kinds: list[tuple[int, FundingKind]] = []
+    for run, kind in runs:
+        if run:
+            entries += run
+            kinds.append((len(entries), kind))
     return _Order(
-        entries=tuple(ordered),
+        entries=tuple(entries),
+        kinds=tuple(kinds),
         sponsor_count=sponsor_count,
         acl_allowed=acl_allowed,
-        node_level=any(has_node_keys(e.selector) for _, e, _ in ordered),
+        node_level=any(has_node_keys(e.selector) for _, e in entries),
     )
 
 
 def cover_order(request: RunRequest, family: Family) -> tuple[_Entry, ...]:
-    """(envelope key, envelope, funding kind) in the order cover draws on them (memoised)."""
-    return _cached_order(request, family).entries
+    """(envelope key, envelope, funding kind) in the order cover draws on them."""
+    return tuple(_cached_order(request, family).walk())
 
 
 def _cached_order(request: RunRequest, family: Family) -> _Order:
@@ -422,7 +450,7 @@ def cover(
         else max(0, request.max_borrow_gpus - already_borrowed)
     )
     last = len(ordered) - 1
-    for pos, (key, env, kind) in enumerate(ordered):
+    for pos, (key, env, kind) in enumerate(order.walk()):
         if not window_allows(env, now, for_reservation=for_reservation):
             continue
         in_window += 1

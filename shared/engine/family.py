@@ -57,11 +57,15 @@ def path_parent(owner: str) -> tuple[str, ...]:
 class Relatives:
     """Everyone related to one owner, split by the relation cover cares about."""
 
+    owner: str
     parents: tuple[str, ...]
     siblings: tuple[str, ...]
     cousins: tuple[str, ...]
-    members: frozenset[str]
-    """The owner and every relative: O(1) "is this family?" for cover's sponsor step."""
+
+    @property
+    def members(self) -> frozenset[str]:
+        """The owner and every relative (built on demand: ``Family.is_family`` answers cheaper)."""
+        return frozenset((self.owner, *self.parents, *self.siblings, *self.cousins))
 
 
 Keyed = tuple[tuple[str, Envelope], ...]
@@ -190,7 +194,7 @@ class Family:
             new._candidates = {
                 k: v
                 for k, v in self._candidates.items()
-                if touched.isdisjoint(self._relatives[k[0]].members)
+                if not any(self.is_family(k[0], t) for t in touched)
             }
         else:
             new._up, new._relatives, new._flavored, new._candidates = {}, {}, {}, {}
@@ -298,8 +302,14 @@ class Family:
         return tuple(sorted(seen))
 
     def is_family(self, owner: str, other: str) -> bool:
-        """True when ``other`` is the owner or any relative (shares an ancestor or descends)."""
-        return other in self.relatives(owner).members
+        """True when ``other`` is the owner or any relative (shares an ancestor or descends).
+
+        Relatives are exactly the owners whose ancestors-or-self meet the owner's, so the answer
+        needs two short ancestor walks, never a set of the whole family per owner.
+        """
+        if owner == other:
+            return True
+        return not self._distances_up(owner).keys().isdisjoint(self._distances_up(other))
 
     def relatives(self, owner: str) -> Relatives:
         """All three relation lists at once (memoised: cover asks for them on every call)."""
@@ -315,12 +325,7 @@ class Family:
         siblings = tuple(sorted(sibs))
         excluded.update(siblings)
         cousins = tuple(self._ranked_relatives(up, excluded))
-        rel = Relatives(
-            parents=parents,
-            siblings=siblings,
-            cousins=cousins,
-            members=frozenset((owner, *parents, *siblings, *cousins)),
-        )
+        rel = Relatives(owner=owner, parents=parents, siblings=siblings, cousins=cousins)
         self._relatives[owner] = rel
         return rel
 
