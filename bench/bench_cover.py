@@ -261,9 +261,9 @@ def main() -> None:
     usage = build_usage(budgets, rng)
     requests = build_requests(budgets, rng, args.calls)
     family = Family(budgets)
-    for req in requests:  # the warm index a service holds: relations and orders memoised
-        cover(req, family, usage, now=T0)
-        eager_cover(req, family, usage, now=T0)
+    # The warm index a service holds (relations and orders memoised), and what each side lists.
+    results = [cover(req, family, usage, now=T0) for req in requests]
+    eager_results = [eager_cover(req, family, usage, now=T0) for req in requests]
 
     lazy, eager = interleaved(
         [
@@ -274,15 +274,10 @@ def main() -> None:
             for req in requests
         ]
     )
-    results = [cover(req, family, usage, now=T0) for req in requests]
     funded = [r for r in results if isinstance(r, Funding)]
     stopped = [r for r in funded if not r.complete]
     lazy_offers = sum(len(r.offers) for r in funded)
-    eager_offers = sum(
-        len(r.offers)
-        for req in requests
-        if isinstance(r := eager_cover(req, family, usage, now=T0), Funding)
-    )
+    eager_offers = sum(len(r.offers) for r in eager_results if isinstance(r, Funding))
     emit(
         "cover_2000_envelopes",
         lazy,

@@ -36,7 +36,7 @@ cannot have changed, so a watch cache never rebuilds it per decision.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -82,20 +82,24 @@ class Candidates:
     cousins: Keyed
 
 
+def _explicit(budgets: Iterable[Budget]) -> tuple[str, ...]:
+    """One owner's pooled ``spec.parents`` (its own name excluded), in first-named order."""
+    seen: list[str] = []
+    for budget in budgets:
+        seen.extend(p for p in budget.parents if p not in seen and p != budget.owner)
+    return tuple(seen)
+
+
 def _tree(budgets: Iterable[Budget]) -> dict[str, tuple[str, ...]]:
     """Direct parents of every budgeted owner under the rule above (the tree's whole shape)."""
-    budgets = tuple(budgets)
-    owners = {b.owner for b in budgets}
-    explicit: dict[str, list[str]] = {}
+    by_owner: dict[str, list[Budget]] = {}
     for budget in budgets:
-        if budget.parents:
-            seen = explicit.setdefault(budget.owner, [])
-            seen.extend(p for p in budget.parents if p not in seen and p != budget.owner)
+        by_owner.setdefault(budget.owner, []).append(budget)
     tree: dict[str, tuple[str, ...]] = {}
-    for owner in sorted(owners):
-        named = explicit.get(owner)
-        candidates = tuple(named) if named else path_parent(owner)
-        tree[owner] = tuple(p for p in candidates if p in owners)
+    for owner in sorted(by_owner):
+        named = _explicit(by_owner[owner])
+        candidates = named if named else path_parent(owner)
+        tree[owner] = tuple(p for p in candidates if p in by_owner)
     return tree
 
 
@@ -103,6 +107,7 @@ class Family:
     """Immutable index over a set of Budgets; queries are memoised per owner."""
 
     __slots__ = (
+        "_all",
         "_budgets",
         "_by_name",
         "_by_owner",
@@ -114,6 +119,7 @@ class Family:
         "_flavored",
         "_known",
         "_memo",
+        "_owner_budgets",
         "_parents",
         "_relatives",
         "_up",
@@ -123,40 +129,57 @@ class Family:
         by_name: dict[str, Budget] = {}
         for budget in budgets:
             by_name[budget.name] = budget
-        self._index(by_name)
+        self._by_name = by_name
+        self._budgets: tuple[Budget, ...] = tuple(by_name[n] for n in sorted(by_name))
+        self._envelopes: dict[str, Envelope] = {}
+        self._caps_for: dict[str, tuple[AggregateCap, ...]] = {}
+        owner_budgets: dict[str, list[Budget]] = {}
+        for budget in self._budgets:
+            self._add(budget)
+            owner_budgets.setdefault(budget.owner, []).append(budget)
+        self._owner_budgets = {o: tuple(bs) for o, bs in owner_budgets.items()}
+        self._by_owner = {
+            o: tuple(e for b in bs for e in b.envelopes) for o, bs in self._owner_budgets.items()
+        }
+        self._shape()
+        self._all: tuple[Envelope, ...] | None = None
+        self._caps: tuple[AggregateCap, ...] | None = None
         self._up: dict[str, dict[str, int]] = {}
         self._relatives: dict[str, Relatives] = {}
         self._flavored: dict[tuple[str, str], Keyed] = {}
         self._candidates: dict[tuple[str, str], Candidates] = {}
         self._memo: dict[Any, Any] = {}
 
-    def _index(self, by_name: Mapping[str, Budget]) -> None:
-        self._by_name = dict(by_name)
-        self._budgets: tuple[Budget, ...] = tuple(by_name[n] for n in sorted(by_name))
-        self._envelopes: dict[str, Envelope] = {}
-        by_owner: dict[str, list[Envelope]] = {}
-        self._caps: dict[str, AggregateCap] = {}
-        caps_for: dict[str, list[AggregateCap]] = {}
-        for budget in self._budgets:
-            owned = by_owner.setdefault(budget.owner, [])
-            for env in budget.envelopes:
-                if env.key in self._envelopes:
-                    raise ValueError(f"duplicate envelope key {env.key!r}")
-                self._envelopes[env.key] = env
-                owned.append(env)
-            for cap in budget.caps:
-                if cap.key in self._caps:
-                    raise ValueError(f"duplicate aggregate cap key {cap.key!r}")
-                self._caps[cap.key] = cap
-                for ref in cap.envelopes:
-                    key = ref if "/" in ref else f"{cap.budget}/{ref}"
-                    caps_for.setdefault(key, []).append(cap)
-        self._by_owner: dict[str, tuple[Envelope, ...]] = {
-            o: tuple(envs) for o, envs in by_owner.items()
-        }
-        self._caps_for: dict[str, tuple[AggregateCap, ...]] = {
-            k: tuple(v) for k, v in caps_for.items()
-        }
+    def _add(self, budget: Budget) -> None:
+        """Index one Budget's envelopes and caps (duplicate keys are an error)."""
+        for env in budget.envelopes:
+            if env.key in self._envelopes:
+                raise ValueError(f"duplicate envelope key {env.key!r}")
+            self._envelopes[env.key] = env
+        seen: set[str] = set()
+        for cap in budget.caps:
+            if cap.key in seen:
+                raise ValueError(f"duplicate aggregate cap key {cap.key!r}")
+            seen.add(cap.key)
+            for ref in cap.envelopes:
+                key = ref if "/" in ref else f"{cap.budget}/{ref}"
+                both = (*self._caps_for.get(key, ()), cap)
+                self._caps_for[key] = tuple(sorted(both, key=lambda c: c.budget))  # stable
+
+    def _drop(self, budget: Budget) -> None:
+        for env in budget.envelopes:
+            self._envelopes.pop(env.key, None)
+        for cap in budget.caps:
+            for ref in cap.envelopes:
+                key = ref if "/" in ref else f"{cap.budget}/{ref}"
+                left = tuple(c for c in self._caps_for.get(key, ()) if c is not cap)
+                if left:
+                    self._caps_for[key] = left
+                else:
+                    self._caps_for.pop(key, None)
+
+    def _shape(self) -> None:
+        """The tree: direct parents of every budgeted owner, and children."""
         self._parents = _tree(self._budgets)
         self._known: tuple[str, ...] = tuple(self._parents)
         children: dict[str, list[str]] = {}
@@ -168,36 +191,68 @@ class Family:
     def updated(self, upserts: Iterable[Budget] = (), deletes: Iterable[str] = ()) -> Family:
         """A new index with Budgets added/replaced (by name) and removed; ``self`` is unchanged.
 
-        Relations survive when the tree's shape (owners and their direct parents) is the same —
-        the common case of an envelope's concurrency or window changing. Envelope lists survive for
-        every owner the event did not touch; derived views (``cached``) are dropped.
+        Incremental: only the touched Budgets' envelopes, caps and owners are re-indexed; the tree
+        is re-derived only when its shape (the set of owners, a touched owner's ``spec.parents``)
+        changed, and then every relation survives when the shape came out the same — the common
+        case of an envelope's concurrency or window changing. Envelope lists survive for owners
+        the event did not touch; derived views (``cached``, ``candidates``) start afresh.
         """
         by_name = dict(self._by_name)
-        touched: set[str] = set()
+        old: list[Budget] = []
+        new_budgets: list[Budget] = []
         for name in deletes:
-            old = by_name.pop(name, None)
-            if old is not None:
-                touched.add(old.owner)
+            gone = by_name.pop(name, None)
+            if gone is not None:
+                old.append(gone)
         for budget in upserts:
-            old = by_name.get(budget.name)
-            if old is not None:
-                touched.add(old.owner)
-            touched.add(budget.owner)
+            prev = by_name.get(budget.name)
+            if prev is not None:
+                old.append(prev)
             by_name[budget.name] = budget
+            new_budgets.append(budget)
+        touched = {b.owner for b in (*old, *new_budgets)}
         new = Family.__new__(Family)
-        new._index(by_name)
+        new._by_name = by_name
+        new._budgets = tuple(by_name[n] for n in sorted(by_name))
+        new._envelopes = dict(self._envelopes)
+        new._caps_for = dict(self._caps_for)
+        for budget in old:
+            new._drop(budget)
+        for budget in new_budgets:
+            new._add(budget)
+        owner_budgets = dict(self._owner_budgets)
+        for owner in touched:
+            mine = tuple(b for b in new._budgets if b.owner == owner)
+            if mine:
+                owner_budgets[owner] = mine
+            else:
+                owner_budgets.pop(owner, None)
+        new._owner_budgets = owner_budgets
+        new._by_owner = dict(self._by_owner)
+        for owner in touched:
+            if owner in owner_budgets:
+                new._by_owner[owner] = tuple(e for b in owner_budgets[owner] for e in b.envelopes)
+            else:
+                new._by_owner.pop(owner, None)
+        same_shape = owner_budgets.keys() == self._owner_budgets.keys() and all(
+            _explicit(owner_budgets[o]) == _explicit(self._owner_budgets[o])
+            for o in touched
+            if o in owner_budgets
+        )
+        if same_shape:
+            new._parents, new._known, new._children = self._parents, self._known, self._children
+        else:
+            new._shape()
+        new._all = None
+        new._caps = None
         new._memo = {}
+        new._candidates = {}
         if new._parents == self._parents:
             new._up = self._up
             new._relatives = self._relatives
             new._flavored = {k: v for k, v in self._flavored.items() if k[0] not in touched}
-            new._candidates = {
-                k: v
-                for k, v in self._candidates.items()
-                if not any(self.is_family(k[0], t) for t in touched)
-            }
         else:
-            new._up, new._relatives, new._flavored, new._candidates = {}, {}, {}, {}
+            new._up, new._relatives, new._flavored = {}, {}, {}
         return new
 
     def cached(self, key: Any, compute: Callable[[], _T]) -> _T:
@@ -232,11 +287,15 @@ class Family:
 
     def all_envelopes(self) -> tuple[Envelope, ...]:
         """Every envelope in budget-name then declaration order."""
-        return tuple(self._envelopes.values())
+        if self._all is None:
+            self._all = tuple(e for b in self._budgets for e in b.envelopes)
+        return self._all
 
     def caps(self) -> tuple[AggregateCap, ...]:
         """Every aggregate cap in budget-name then declaration order."""
-        return tuple(self._caps.values())
+        if self._caps is None:
+            self._caps = tuple(c for b in self._budgets for c in b.caps)
+        return self._caps
 
     def caps_for(self, envelope_key: str) -> tuple[AggregateCap, ...]:
         """Aggregate caps that bound this envelope together with others."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.engine.family import Family, path_parent
-from tests.unit.engine.budgets import budget, cap, env, key
+from shared.engine.model import Budget
+from tests.unit.engine import test_cover_lazy as cover_lazy
+from tests.unit.engine.budgets import H100, budget, cap, env, key
 
 
 def _tree() -> Family:
@@ -257,3 +261,39 @@ def test_cycle_in_explicit_parents_is_safe() -> None:
     )
     assert fam.parents_of("a") == ("b",)
     assert "a" not in fam.cousins_of("a")
+
+
+@settings(max_examples=150, deadline=None)
+@given(cover_lazy.budgets(), cover_lazy.budgets(), st.data())
+def test_updated_equals_a_rebuild_after_any_budget_events(
+    first: list[Budget], second: list[Budget], data: st.DataObject
+) -> None:
+    """Any sequence of upserts and deletes gives the index a rebuild from scratch would."""
+    fam = Family(first)
+    for owner in fam.owners():  # memoised relations must not go stale
+        fam.relatives(owner)
+        fam.candidates(owner, H100)
+    names = {b.name for b in first}
+    events = data.draw(
+        st.lists(st.sampled_from(second) | st.sampled_from(sorted(names)), max_size=6)
+    )
+    current = {b.name: b for b in first}
+    for event in events:
+        if isinstance(event, str):
+            fam = fam.updated(deletes=[event])
+            current.pop(event, None)
+        else:
+            fam = fam.updated([event])
+            current[event.name] = event
+    fresh = Family(current.values())
+    assert fam.budgets == fresh.budgets and fam.owners() == fresh.owners()
+    assert fam.all_envelopes() == fresh.all_envelopes() and fam.caps() == fresh.caps()
+    for e in fresh.all_envelopes():
+        assert fam.envelope(e.key) == e and fam.caps_for(e.key) == fresh.caps_for(e.key)
+    for owner in (*cover_lazy.OWNERS, *fresh.owners()):
+        assert fam.direct_parents(owner) == fresh.direct_parents(owner)
+        assert fam.relatives(owner) == fresh.relatives(owner)
+        assert fam.envelopes_of(owner) == fresh.envelopes_of(owner)
+        assert fam.candidates(owner, H100) == fresh.candidates(owner, H100)
+        for other in fresh.owners():
+            assert fam.is_family(owner, other) == (other in fresh.relatives(owner).members)
