@@ -11,7 +11,9 @@ most 16 at once to ``fam:team:a`` only), with **no Budget for ``fam:team``**, ar
   ``ACLDenied``. None of the refused Runs holds a Lease.
 
 Once a root Budget for ``fam:team`` is applied the three teams are siblings: the same Run shape
-without any borrowing starts at 16 owned + 16 shared by ``b`` (family Leases).
+without any borrowing starts at 16 owned + 16 shared by ``b`` (family Leases). Finally, with nv-a
+full, a Run of ``a`` whose own envelope (nv-a) funds it on paper starts in nv-b paid by the root:
+the lazy cover's first offer is not enough for the packer, which asks for the rest.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from .helpers import (
 
 NS = "e2e-family"
 A, B, C, ROOT = "fam:team:a", "fam:team:b", "fam:team:c", "fam:team"
-BUDGET_NAMES = ("fam-team-a", "fam-team-b", "fam-team-c", "fam-team")
+FILLER = "fam:filler"
+"""A stranger (no Budget for ``fam``) whose Run fills nv-a."""
+BUDGET_NAMES = ("fam-team-a", "fam-team-b", "fam-team-c", "fam-team", "fam-filler")
 HOUR = {"maxDuration": "1h"}
 
 
@@ -139,6 +143,21 @@ def test_teams_without_a_parent_budget_are_strangers_until_a_root_joins_them(
             assert sponsors == [(B, "family", 16)], funding
 
         eventually(shared, timeout=60)
+
+        # Cover stops at a's own envelope (it funds 8 GPUs), but nv-a is full of a stranger's
+        # Run: the packer asks for more offers, admission covers again with every offer, and
+        # the Run starts in nv-b, paid by the parent's envelope — the plan the whole list gives.
+        teardown(stack, NS)
+        apply_yaml(stack, budget_manifest("fam-filler", FILLER, [envelope("f-nv-a", NV_A, 128)]))
+        filler = run_manifest("filler", NS, FILLER, 128, group_gpus=8, selector=NV_A, runtime=HOUR)
+        apply_yaml(stack, filler)
+        wait_running(stack, NS, "filler", 128, timeout=120)
+        apply_yaml(stack, run_manifest("spills", NS, A, 8, group_gpus=8, runtime=HOUR))
+        wait_running(stack, NS, "spills", 8, timeout=120)
+        leases = all_run_leases(stack, NS, "spills")
+        assert _payers(stack, "spills") == {(ROOT, "family"): 8}, describe_leases(leases)
+        nodes = {n for x in leases for n in x["spec"]["slice"]["nodes"]}
+        assert all(n.startswith("gpu-b-") for n in nodes), describe_leases(leases)
     finally:
         teardown(stack, NS)
         stack.kubectl("delete", BUDGETS, *BUDGET_NAMES, "--ignore-not-found", "--wait=false")

@@ -21,11 +21,13 @@ from hypothesis import strategies as st
 
 from bench.cover_eager import eager_cover
 from shared.engine.accounting import usage_from_ledger
+from shared.engine.admit import Start, try_start
 from shared.engine.cover import CoverDenied, allocate, cover, cover_demand
 from shared.engine.family import Family
 from shared.engine.model import Budget, Envelope, FundingKind, Lease, RunRequest
 from shared.engine.offers import Funding
 from shared.engine.pack import needs_more_offers, pack
+from shared.engine.state import ClusterState
 from shared.engine.topology import Topology
 from tests.unit.engine.budgets import (
     A100,
@@ -183,3 +185,26 @@ def test_lazy_cover_and_pack_give_the_eager_answers(
         assert not lazy.complete
         got = pack(req, topology, whole)
     assert got == want
+
+
+def test_try_start_covers_again_when_pack_needs_more_offers() -> None:
+    """The owner's envelope funds the Run on paper but its domain is full: the Run starts where
+    the next payer (its parent) pays, exactly as with every offer listed from the start."""
+    d1, d2 = loc("us-west", "c1", "d1"), loc("us-west", "c1", "d2")
+    budgets = [
+        budget("o", env("p", 16, selector=d2)),
+        budget("o:a", env("own", 16, selector=d1)),
+        budget("other", env("full", 16, selector=d1)),
+    ]
+    nodes = [node("x1", fabric="d1", cluster="c1"), node("y1", fabric="d2", cluster="c1")]
+    busy = lease("busy", "other/full", 8, T0 - H, owner="other", node="x1")
+    state = ClusterState.build(now=T0, nodes=nodes, budgets=budgets, ledger=[busy])
+    req = request("o:a", 8, group_gpus=8)
+    lazy = cover(req, state.family, state.usage, now=T0)
+    assert isinstance(lazy, Funding) and not lazy.complete and len(lazy.offers) == 1
+    assert needs_more_offers(pack(req, state.topology, lazy))
+    started = try_start(req, state)
+    assert isinstance(started, Start) and started.funding.complete
+    assert [(s.node, s.envelope, s.funding) for s in started.placement.slices] == [
+        ("y1", "o/p", FundingKind.FAMILY)
+    ]
