@@ -18,6 +18,10 @@ The requested location is ``request.selector`` when non-empty, else the selector
 own envelopes of the flavor in their order (several locations: "in the location" steps list
 envelopes by the first location they fit, then by step order), else anywhere. An envelope is *in*
 a location when every label key both selectors name has the same value.
+
+The order depends only on the Budgets, so it is memoised per Family index; a call prices offers
+along it and stops once they fund the demand (``Funding.complete`` says whether any were left).
+Pack asks for the rest (``NeedsMoreOffers``) whenever its plan could depend on them.
 """
 
 from __future__ import annotations
