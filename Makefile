@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup testbin lint test unit kube bench crds krew
+.PHONY: setup testbin lint test unit kube bench bench-compare crds krew
 
 setup: $(VENV)/.installed testbin
 
@@ -31,6 +31,13 @@ crds: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench
+
+# Engine benchmarks of BASE (a git ref, default the previous commit) and the working tree,
+# interleaved in one run; flags figures whose p50 got more than 15 % slower.
+BASE ?= HEAD~1
+ROUNDS ?= 3
+bench-compare: $(VENV)/.installed
+	$(PY) -m bench.compare --base $(BASE) --rounds $(ROUNDS)
 
 # The reproducible krew archive of `kubectl runs` (dist/krew/); pins its sha256 in
 # plugins/krew/runs.yaml.

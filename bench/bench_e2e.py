@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.common import emit, machine, percentile
+from bench.common import emit, load, machine, percentile
 from services.local.stack import LocalStack, running_stack
 from shared.api import GROUP
 from shared.control.tenancy import OWNERS_ANNOTATION
@@ -106,7 +106,9 @@ def log(message: str) -> None:
 
 def line(figure: str, **values: Any) -> None:
     """One JSON line for a figure that is not a latency distribution."""
-    print(json.dumps({"figure": figure, **values, "machine": machine()}), flush=True)
+    print(
+        json.dumps({"figure": figure, **values, "machine": machine(), "load": load()}), flush=True
+    )
 
 
 async def bounded(concurrency: int, calls: list[Callable[[], Awaitable[T]]]) -> list[T]:

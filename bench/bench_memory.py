@@ -10,7 +10,7 @@ import gc
 import json
 from datetime import UTC, datetime, timedelta
 
-from bench.common import machine
+from bench.common import load, machine
 from shared.engine.accounting import usage_from_ledger
 from shared.engine.model import FundingKind, Lease, Node, Role
 from shared.engine.topology import Topology, node_from_labels
@@ -79,6 +79,7 @@ def main() -> None:
                 "nodes": len(topology),
                 "open_leases": 100_000,
                 "machine": machine(),
+                "load": load(),
             }
         ),
         flush=True,

@@ -1,4 +1,4 @@
-"""What every benchmark shares: timing percentiles, the machine's description, one JSON line out."""
+"""What every benchmark shares: timing percentiles, the machine and its load, one JSON line out."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}; {os.cpu_count()} cores; Python {platform.python_version()}"
+
+
+def load() -> list[float]:
+    """1-, 5- and 15-minute load averages (``os.getloadavg``): figures mean little without it."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def time_calls(call: Callable[[], object], n: int) -> list[float]:
@@ -49,5 +54,6 @@ def emit(figure: str, samples_ms: list[float], **extra: Any) -> None:
         "n": len(samples_ms),
         **extra,
         "machine": machine(),
+        "load": load(),
     }
     print(json.dumps(line), flush=True)

@@ -65,6 +65,7 @@ from shared.engine.elasticity import Grow, grow
 from shared.engine.fill import is_fill
 from shared.engine.model import Closure, CoverFailure, Lease, LeaseReason, RunKey, RunRequest
 from shared.engine.offers import Funding
+from shared.engine.pack import PackFailure
 from shared.kube import BUDGETS, NAMESPACES, RUNS, KubeError, make_client
 from shared.kube.cache import ClusterCache
 from shared.kube.informer import EventType, Informer, Obj
@@ -674,13 +675,30 @@ class AdmissionService:
             if sized.opportunistic and sized.spares_per_group:
                 shapes.insert(0, dataclasses.replace(sized, spares_per_group=0))
             for shape in shapes:
-                funding = cover(
-                    shape,
-                    state.family,
-                    state.usage,
-                    now=state.now,
-                    default_duration=settings.default_duration,
-                )
+                for complete in (False, True):  # every offer only when the packer asks for more
+                    funding = cover(
+                        shape,
+                        state.family,
+                        state.usage,
+                        now=state.now,
+                        default_duration=settings.default_duration,
+                        complete=complete,
+                    )
+                    if isinstance(funding, CoverDenied):
+                        break
+                    try:
+                        reply = await self.runtime.request(
+                            PLAN,
+                            PlanRequest(run=ref, request=shape, funding=funding),
+                            timeout=self.config.plan_timeout,
+                        )
+                    except BusError as exc:
+                        return _Unavailable(
+                            PACKER_UNAVAILABLE,
+                            f"{PACKER_UNAVAILABLE}: PLAN failed ({exc.code} {exc.message})",
+                        )
+                    if reply.reason != PackFailure.MORE_OFFERS.value or funding.complete:
+                        break
                 if isinstance(funding, CoverDenied):
                     if funding.reason is CoverFailure.INVALID_REQUEST:
                         return _Invalid(funding.message)
@@ -688,17 +706,6 @@ class AdmissionService:
                         "cover", funding.reason.value, funding.message, funding.shortfall
                     )
                     continue
-                try:
-                    reply = await self.runtime.request(
-                        PLAN,
-                        PlanRequest(run=ref, request=shape, funding=funding),
-                        timeout=self.config.plan_timeout,
-                    )
-                except BusError as exc:
-                    return _Unavailable(
-                        PACKER_UNAVAILABLE,
-                        f"{PACKER_UNAVAILABLE}: PLAN failed ({exc.code} {exc.message})",
-                    )
                 if reply.placement is None:
                     blocked = Blocked("pack", reply.reason or "NoFit", reply.message, 1)
                     continue

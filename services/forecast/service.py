@@ -53,7 +53,7 @@ from shared.control.activation import Target, preview
 from shared.engine.admit import Blocked
 from shared.engine.durations import DurationModel, expected_start, learn
 from shared.engine.forecast import forecast, open_claims, reforecast_instead, request_scope
-from shared.engine.model import Role, RunKey
+from shared.engine.model import Role, RunKey, run_label
 from shared.engine.state import ClusterState
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
@@ -234,7 +234,7 @@ class Forecaster:
                 await self._initialise(live, state, now)
             log.info(
                 "run already reserved",
-                extra={"run": rv.run_label(req.run.key), "reservation": live.key},
+                extra={"run": run_label(req.run.key), "reservation": live.key},
             )
             return ReserveReply(
                 reservation=live.name,
@@ -243,7 +243,7 @@ class Forecaster:
             )
         why = rv.unreservable(request_scope(req.request, state), req.request.selector)
         if why is not None:
-            log.info("run not reservable", extra={"run": rv.run_label(req.run.key), "why": why})
+            log.info("run not reservable", extra={"run": run_label(req.run.key), "why": why})
             raise Refused(UNRESERVABLE, why)
         blocked = Blocked(req.stage, req.reason, req.message, req.shortfall)
         fc = forecast(req.request, state, blocked)
@@ -266,13 +266,13 @@ class Forecaster:
         log.info(
             "reservation planned",
             extra={
-                "run": rv.run_label(req.run.key),
+                "run": run_label(req.run.key),
                 "reservation": view.key,
                 "earliestStart": rfc3339(view.earliest_start),
                 "confidence": fc.confidence.value,
                 "reason": req.reason,
                 "deficit": fc.deficit_gpus,
-                "conflictSet": [rv.run_label(k) for k in fc.remedies.conflict_set],
+                "conflictSet": [run_label(k) for k in fc.remedies.conflict_set],
             },
         )
         self._wake.set()  # the timer marks the conflict set: once for a whole burst
@@ -466,7 +466,7 @@ class Forecaster:
                 "reservation initialised",
                 extra={
                     "reservation": view.key,
-                    "run": rv.run_label(view.run),
+                    "run": run_label(view.run),
                     "earliestStart": rfc3339(view.earliest_start),
                     "deficit": seen.deficit,
                 },
@@ -549,7 +549,7 @@ class Forecaster:
             )
         except KubeError as exc:
             if exc.status != 404:
-                log.warning("AtRisk update failed: %s", exc, extra={"run": rv.run_label(key)})
+                log.warning("AtRisk update failed: %s", exc, extra={"run": run_label(key)})
             return
         self._risk_sent[key] = (RunRef.of(obj).uid, condition)
 

@@ -139,7 +139,9 @@ def build_parser() -> Parser:
   kubectl runs list -o custom-columns=NAME:.name,GPUS:.width.allocated --no-headers""",
     )
     _selector(p)
-    p.add_argument("--owner", help="owner, family prefix (org:ai) or glob (lab:*)")
+    p.add_argument(
+        "--owner", help="owner, with those below it in the budget tree, or a glob (lab:*)"
+    )
     p.add_argument("--phase", action="append", metavar="PHASE", help="only this phase (repeatable)")
     p.add_argument(
         "--sort",
@@ -287,7 +289,7 @@ def build_parser() -> Parser:
   kubectl runs budgets usage
   kubectl runs budgets usage --owner org:ai""",
     )
-    p.add_argument("--owner", help="owner, family prefix (org:ai) or glob")
+    p.add_argument("--owner", help="owner, with those below it in the budget tree, or a glob")
     p.add_argument(
         "--spare-factor",
         type=float,
@@ -324,10 +326,10 @@ def build_parser() -> Parser:
             action,
             f"{action} a sponsor owner",
             "commands:cmd_sponsors_edit",
-            f"  kubectl runs sponsors {action} my-run lab:vision",
+            f"  kubectl runs sponsors {action} my-run org:vision",
         )
         _run_arg(p)
-        p.add_argument("owner", metavar="OWNER", help="sponsor owner, e.g. lab:vision")
+        p.add_argument("owner", metavar="OWNER", help="sponsor owner, e.g. org:vision")
 
     p = _command(
         subs,

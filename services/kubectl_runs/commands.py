@@ -613,7 +613,9 @@ async def cmd_usage(ctx: Context, args: argparse.Namespace) -> int:
     if args.owner and not record["envelopes"] and not record["aggregateCaps"]:
         owners = sorted({str((b.get("spec") or {}).get("owner")) for b in budgets})
         raise CliError(
-            f"no budget owner matches {args.owner!r} (owners: {', '.join(owners) or 'none'})"
+            f"no budget owner matches {args.owner!r} (owners: {', '.join(owners) or 'none'}; "
+            "an owner matches those below it in the tree of Budgets, not by path prefix: "
+            "select by path with a glob such as 'org:ai:*')"
         )
     ctx.emit(record, lambda: render.usage(record, ctx.width))
     return 0

@@ -47,7 +47,7 @@ from shared.engine.admit import claim_protection
 from shared.engine.fill import as_fill, fill_topology
 from shared.engine.fleet import fleet_cells
 from shared.engine.model import Role, RunKey, RunRequest
-from shared.engine.pack import NoFit, Placement, pack
+from shared.engine.pack import NoFit, Placement, needs_more_offers, pack
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE, Topology
 from shared.kube.cache import ClusterCache
@@ -107,6 +107,10 @@ def plan(
             filled = _pack_around(req, fill, room, {}, assumed_fill)
             if isinstance(filled, Placement):
                 return PlanReply(version=version, placement=as_fill(filled))
+            if needs_more_offers(filled):  # the fill answer may change with every offer
+                return PlanReply(
+                    version=version, reason=filled.reason.value, message=filled.message
+                )
     at = req.at or state.now
     claims = tuple(c for c in state.claims if c.run != request.key)
     protected = claim_protection(request, claims, state.topology, at, own=req.own_claim)
@@ -142,7 +146,7 @@ def _pack_around(
         for node, gpus in assumed.items():
             avoid[node] = avoid.get(node, 0) + gpus
         placed = attempt(avoid)
-        if isinstance(placed, Placement):
+        if isinstance(placed, Placement) or needs_more_offers(placed):
             return placed
     return attempt(protected)
 

@@ -54,7 +54,7 @@ from shared.control.activation import (
     failure_commits,
 )
 from shared.engine.failures import FailurePlan, on_node_failure
-from shared.engine.model import DomainKey, RunKey
+from shared.engine.model import DomainKey, RunKey, run_label
 from shared.engine.resolver import audit_line
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
@@ -172,9 +172,7 @@ class Resolver:
             try:
                 await self.runtime.publish(RUN_CHANGED, RunChanged(namespace=key[0], name=key[1]))
             except Exception as exc:  # a lost nudge only delays admission
-                log.debug(
-                    "RUN_CHANGED not sent", extra={"run": rv.run_label(key), "error": repr(exc)}
-                )
+                log.debug("RUN_CHANGED not sent", extra={"run": run_label(key), "error": repr(exc)})
 
     # ------------------------------------------------------------------ ACTIVATE
 
@@ -203,9 +201,7 @@ class Resolver:
                 return done
             run_obj = await self._run_object(view.run)
             if run_obj is None:
-                return await self._cancel(
-                    view, "RunDeleted", f"Run {rv.run_label(view.run)} is gone"
-                )
+                return await self._cancel(view, "RunDeleted", f"Run {run_label(view.run)} is gone")
             try:
                 request = run_request(run_obj)
             except TranslateError as exc:
@@ -364,14 +360,14 @@ class Resolver:
                 "outcome": act.outcome.value,
                 "scope": act.scope.label,
                 "seed": res.seed,
-                "conflictSet": [rv.run_label(k) for k in res.conflict_set],
+                "conflictSet": [run_label(k) for k in res.conflict_set],
                 "draws": [
-                    {"step": d.step, "owner": d.owner, "run": rv.run_label(d.token.run)}
+                    {"step": d.step, "owner": d.owner, "run": run_label(d.token.run)}
                     for d in res.draws
                 ],
                 "endedLeases": [name for name, _ in res.ended_leases],
-                "requeue": [rv.run_label(k) for k in res.requeue],
-                "failed": [rv.run_label(k) for k in res.failed],
+                "requeue": [run_label(k) for k in res.requeue],
+                "failed": [run_label(k) for k in res.failed],
             },
         )
 
@@ -495,12 +491,12 @@ class Resolver:
                 "node": plan.node,
                 "ends": [f"{name}:{closure}" for name, closure in plan.ends],
                 "swaps": [
-                    f"{rv.run_label(m.run)}#{m.rank}:{m.from_node}->{m.to_node}"
+                    f"{run_label(m.run)}#{m.rank}:{m.from_node}->{m.to_node}"
                     for m in plan.pod_moves
                 ],
-                "requeue": [rv.run_label(k) for k in plan.requeue],
-                "failed": [rv.run_label(k) for k in plan.failed],
-                "shrunk": [f"{rv.run_label(k)}#{g}" for k, g in plan.shrunk],
+                "requeue": [run_label(k) for k in plan.requeue],
+                "failed": [run_label(k) for k in plan.failed],
+                "shrunk": [f"{run_label(k)}#{g}" for k, g in plan.shrunk],
             },
         )
 

@@ -1,8 +1,10 @@
 """Budget: time- and location-scoped GPU envelopes held by one owner (cluster-scoped).
 
-Budgets form a family tree through owner paths (or explicit ``parents``); cover funds Runs from
-them in a fixed structural order. The invariants here are the ones an administrator must not be
-able to get wrong at ``kubectl apply`` time, e.g. more GPU-hours than the window can ever burn.
+Budgets form a family tree: a Budget's parents are its explicit ``parents``, else its owner path
+parent when a Budget with that owner exists (``shared.engine.family`` holds the rule); cover funds
+Runs from them in a fixed structural order. The invariants here are the ones an administrator
+must not be able to get wrong at ``kubectl apply`` time, e.g. more GPU-hours than the window can
+ever burn.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ class BudgetSpec(SpecModel):
     owner: Owner
     """Owner path, e.g. ``org:ai:rai:sys``."""
     parents: OwnerSet | None = None
-    """Explicit parents; when absent the parent is the owner path minus its last segment."""
+    """Explicit parents; when absent the parent is the owner path minus its last segment if a
+    Budget with that owner exists (the family is the tree of Budgets that exist)."""
     envelopes: Annotated[list[Envelope], ListType("name"), Field(min_length=1, max_length=32)]
     """GPU envelopes (≥1), unique by name."""
     aggregate_caps: Annotated[list[AggregateCap], ListType("name"), Field(max_length=16)] | None = (
@@ -195,13 +198,6 @@ class BudgetSpec(SpecModel):
             ok=_caps_name_envelopes,
         ),
     )
-
-    def parent_owners(self) -> list[str]:
-        """Explicit parents, else the owner path minus its last ``:`` segment (none at a root)."""
-        if self.parents:
-            return list(self.parents)
-        head, sep, _ = self.owner.rpartition(":")
-        return [head] if sep else []
 
 
 class Headroom(StatusModel):

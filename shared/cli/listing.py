@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from shared.cli import views
+from shared.engine.family import Family
 
 Obj = Mapping[str, Any]
 Record = dict[str, Any]
@@ -79,9 +80,14 @@ def funding_cell(funding: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+NO_FAMILY = Family(())
+"""The empty budget tree: an owner query matches only itself or its glob."""
+
+
 def matches(row: Mapping[str, Any], owner: str | None, phases: Sequence[str] | None) -> bool:
-    """``--owner`` (exact, family prefix or glob) and ``--phase`` (any of, case-insensitive)."""
-    if owner and not views.owner_matches(str(row.get("owner") or ""), owner):
+    """``--owner`` (exact or glob: ``list`` reads no Budgets, so no family tree) and ``--phase``
+    (any of, case-insensitive)."""
+    if owner and not views.owner_matches(str(row.get("owner") or ""), owner, NO_FAMILY):
         return False
     wanted = {p.lower() for p in phases or ()}
     return not wanted or str(row.get("phase")).lower() in wanted

@@ -26,6 +26,7 @@ from shared.api.lease import LABEL_NAMESPACE, LABEL_RUN, label_value
 from shared.engine import lottery
 from shared.engine.accounting import cap_headroom, headroom, run_funding, usage_from_ledger
 from shared.engine.exclusions import excluded_nodes
+from shared.engine.family import Family
 from shared.engine.model import DOMAIN_LABELS, RunKey
 from shared.engine.model import Budget as BudgetRecord
 from shared.engine.model import Lease as LeaseRecord
@@ -166,13 +167,18 @@ def age(obj: Obj, now: datetime) -> str:
     return "-" if created is None else human_duration((now - created).total_seconds())
 
 
-def owner_matches(owner: str, query: str | None) -> bool:
-    """``--owner``: exact owner, a family prefix (``org:ai`` ⊇ ``org:ai:rai``), or a glob."""
+def owner_matches(owner: str, query: str | None, family: Family) -> bool:
+    """``--owner``: exact owner, one below it in the family tree, or a glob.
+
+    The family is the tree of Budgets that exist (SPEC §2): ``org:ai`` matches ``org:ai:rai:sys``
+    only when the Budgets link them (a Budget for ``org:ai:rai``, or ``spec.parents``), never by
+    the path prefix alone — use a glob (``org:ai:*``) to select by path.
+    """
     if not query:
         return True
     if any(c in query for c in "*?["):
         return fnmatch.fnmatchcase(owner, query)
-    return owner == query or owner.startswith(query.rstrip(":") + ":")
+    return owner == query or query in family.parents_of(owner)
 
 
 def lease_selector(key: RunKey) -> str:
@@ -359,7 +365,7 @@ def funding_record(run: Obj) -> Record:
 
 
 def funding_text(funding: Mapping[str, Any]) -> str:
-    """``96 owned, 0 shared, 32 borrowed GPUs (sponsor lab:vision 32)``."""
+    """``96 owned, 0 shared, 32 borrowed GPUs (sponsor org:vision 32)``."""
     text = (
         f"{funding.get('ownedGPUs', 0)} owned, {funding.get('sharedGPUs', 0)} shared, "
         f"{funding.get('borrowedGPUs', 0)} borrowed GPUs"
@@ -678,11 +684,12 @@ def usage_record(
     ledger: list[LeaseRecord] = _records(lease_objs, lease_record, "Lease", skipped)
     caps = [cap for budget in records for cap in budget.caps]
     usage = usage_from_ledger(ledger, caps, now=now, spare_factor=spare_factor)
+    family = Family(records)
     by_name = {name_of(obj): obj for obj in budget_objs}
     envelopes: list[Record] = []
     cap_rows: list[Record] = []
     for budget in records:
-        if not owner_matches(budget.owner, owner):
+        if not owner_matches(budget.owner, owner, family):
             continue
         obj = by_name[budget.name]
         updated = as_str(as_map(obj.get("status")).get("updatedAt"))

@@ -29,7 +29,14 @@ from shared.bus.messages import RunRef
 from shared.engine.deficit import min_demand
 from shared.engine.durations import Expected
 from shared.engine.forecast import Confidence, Forecast
-from shared.engine.model import DOMAIN_LABELS, DomainKey, RunKey, RunRequest
+from shared.engine.model import (
+    DOMAIN_LABELS,
+    DomainKey,
+    RunKey,
+    RunRequest,
+    parse_run_label,
+    run_label,
+)
 from shared.engine.resolver import Remedies, Resolution, Scope
 from shared.engine.topology import Topology
 from shared.kube.translate import (
@@ -81,16 +88,6 @@ def next_reservation_name(run_name: str, uid: str, taken: Iterable[str]) -> str:
     while reservation_name(run_name, uid, index) in used:
         index += 1
     return reservation_name(run_name, uid, index)
-
-
-def run_label(key: RunKey) -> str:
-    """``namespace/name``: how the API spells a Run in sets and maps."""
-    return f"{key[0]}/{key[1]}"
-
-
-def parse_run_label(text: str) -> RunKey:
-    namespace, _, name = text.partition("/")
-    return namespace, name
 
 
 # ---------------------------------------------------------------------------- reading

@@ -11,11 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from shared.control.reservations import run_label
 from shared.engine.admit import Start, try_start
 from shared.engine.durations import expected_start, learn
 from shared.engine.forecast import forecast
-from shared.engine.model import RunRequest
+from shared.engine.model import RunRequest, run_label
 from shared.engine.state import ClusterState
 from shared.kube.translate import rfc3339
 

@@ -12,7 +12,7 @@ from shared.engine.capacity import never_fits
 from shared.engine.cover import CoverDenied, cover
 from shared.engine.model import ReservationClaim, RunRequest, selector_matches
 from shared.engine.offers import Funding
-from shared.engine.pack import NoFit, Placement, pack
+from shared.engine.pack import NoFit, Placement, needs_more_offers, pack
 from shared.engine.state import ClusterState
 from shared.engine.topology import Topology
 
@@ -123,18 +123,24 @@ def try_start(
     blocked: Blocked | None = None
     for width in widths(request):
         sized = dataclasses.replace(request, total_gpus=width)
-        funding = cover(
-            sized,
-            state.family,
-            usage,
-            now=at,
-            default_duration=settings.default_duration,
-            for_reservation=for_reservation,
-        )
+        for complete in (False, True):  # the complete offers only when pack asks for them
+            funding = cover(
+                sized,
+                state.family,
+                usage,
+                now=at,
+                default_duration=settings.default_duration,
+                for_reservation=for_reservation,
+                complete=complete,
+            )
+            if isinstance(funding, CoverDenied):
+                break
+            placed = pack(sized, topology, funding, protected=protected)
+            if not needs_more_offers(placed):
+                break
         if isinstance(funding, CoverDenied):
             blocked = Blocked("cover", funding.reason.value, funding.message, funding.shortfall)
             continue
-        placed = pack(sized, topology, funding, protected=protected)
         if isinstance(placed, NoFit):
             blocked = Blocked("pack", placed.reason.value, placed.message, 1)
             continue

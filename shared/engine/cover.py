@@ -18,12 +18,16 @@ The requested location is ``request.selector`` when non-empty, else the selector
 own envelopes of the flavor in their order (several locations: "in the location" steps list
 envelopes by the first location they fit, then by step order), else anywhere. An envelope is *in*
 a location when every label key both selectors name has the same value.
+
+The order depends only on the Budgets, so it is memoised per Family index; a call prices offers
+along it and stops once they fund the demand (``Funding.complete`` says whether any were left).
+Pack asks for the rest (``NeedsMoreOffers``) whenever its plan could depend on them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
@@ -39,7 +43,7 @@ from shared.engine.model import (
     RunRequest,
     Selector,
 )
-from shared.engine.offers import Funding, Offer
+from shared.engine.offers import Funding, Offer, has_node_keys
 
 _HOUR = timedelta(hours=1)
 UNBOUNDED = 1 << 62
@@ -261,10 +265,6 @@ def _is_borrow_cap(key: str) -> bool:
     return key == BORROW_CAP or key.startswith("lend:")
 
 
-def _usable(offer: Offer, caps: Mapping[str, int]) -> bool:
-    return offer.gpus > 0 and all(caps.get(k, 1) > 0 for k in offer.caps)
-
-
 # -- cover ----------------------------------------------------------------------------------------
 
 
@@ -292,6 +292,100 @@ def _split(
     return [t[2] for t in ranked], outside
 
 
+_Entry = tuple[str, Envelope, FundingKind]
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """Every envelope a Run may draw on, in SPEC §3 order: what only the Budgets decide.
+
+    It depends on the owner, flavor, requested location and sponsors, never on usage or time, so
+    it is computed once per Family index (``Family.cached``) and every cover call only walks it.
+    Compact: the (key, envelope) pairs are the Family's own, and the funding kind is stored as
+    runs of positions (``kinds``: (end position, kind) in order).
+    """
+
+    entries: Keyed
+    kinds: tuple[tuple[int, FundingKind], ...]
+    sponsor_count: int
+    """Sponsor envelopes of the flavor (listed last, ACL refusals included)."""
+    acl_allowed: int
+    """...of which lend to the owner."""
+    node_level: bool
+    """Some envelope selects below the domain (e.g. a rack): pack's per-node payer sets then
+    depend on every offer, so cover never stops early for such a Run."""
+
+    def walk(self) -> Iterator[_Entry]:
+        """(key, envelope, funding kind) in order."""
+        entries, start = self.entries, 0
+        for end, kind in self.kinds:
+            for i in range(start, end):
+                key, env = entries[i]
+                yield key, env, kind
+            start = end
+
+
+def _order(request: RunRequest, family: Family, sponsors: tuple[str, ...]) -> _Order:
+    owner, flavor = request.owner, request.flavor
+    rel = family.relatives(owner)
+
+    def of(owners: tuple[str, ...]) -> Keyed:
+        return tuple(kv for o in owners for kv in family.flavored(o, flavor))
+
+    own = family.flavored(owner, flavor)
+    locations = requested_locations(request, [e for _, e in own])
+    own_in, own_out = _split(own, locations)
+    sibs_in, sibs_out = _split(of(rel.siblings), locations)
+    pars_in, pars_out = _split(of(rel.parents), locations)
+    cous_in, cous_out = _split(of(rel.cousins), locations)
+    owned, fam_kind = FundingKind.OWNED, FundingKind.FAMILY
+    runs: list[tuple[list[tuple[str, Envelope]], FundingKind]] = [
+        (own_in, owned),
+        (sibs_in + pars_in, fam_kind),
+        (own_out, owned),
+        (sibs_out + pars_out + cous_in + cous_out, fam_kind),
+    ]
+    sponsor_count = acl_allowed = 0
+    if sponsors:
+        spons: Keyed = tuple(
+            kv
+            for s in sponsors
+            if not family.is_family(owner, s)
+            for kv in family.flavored(s, flavor)
+        )
+        spon_in, spon_out = _split(spons, locations)
+        runs.append((spon_in + spon_out, FundingKind.SPONSOR))
+        sponsor_count = len(spons)
+        acl_allowed = sum(1 for _, e in spons if lends_to(e, owner))
+    entries: list[tuple[str, Envelope]] = []
+    kinds: list[tuple[int, FundingKind]] = []
+    for run, kind in runs:
+        if run:
+            entries += run
+            kinds.append((len(entries), kind))
+    return _Order(
+        entries=tuple(entries),
+        kinds=tuple(kinds),
+        sponsor_count=sponsor_count,
+        acl_allowed=acl_allowed,
+        node_level=any(has_node_keys(e.selector) for _, e in entries),
+    )
+
+
+def cover_order(request: RunRequest, family: Family) -> tuple[_Entry, ...]:
+    """(envelope key, envelope, funding kind) in the order cover draws on them."""
+    return tuple(_cached_order(request, family).walk())
+
+
+def _cached_order(request: RunRequest, family: Family) -> _Order:
+    sponsors = (
+        tuple(dict.fromkeys(request.sponsors)) if request.allow_borrow and request.sponsors else ()
+    )
+    where = tuple(sorted(request.selector.items())) if request.selector else None
+    key = ("cover-order", request.owner, request.flavor, where, sponsors)
+    return family.cached(key, lambda: _order(request, family, sponsors))
+
+
 def cover(
     request: RunRequest,
     family: Family,
@@ -302,6 +396,7 @@ def cover(
     default_duration: timedelta = timedelta(hours=24),
     for_reservation: bool = False,
     already_borrowed: int = 0,
+    complete: bool = False,
 ) -> Funding | CoverDenied:
     """Fund ``demand`` (default: active GPUs + spares) in SPEC §3 order, or say why not.
 
@@ -310,6 +405,12 @@ def cover(
     spares, so spares are priced conservatively at the full rate (``usage`` already applies the
     spare factor to what was consumed). ``already_borrowed`` is what the Run
     borrows today (a grow must stay within maxBorrowGPUs in total).
+
+    Offers are priced lazily, in order, and cover stops as soon as the priced ones fund the
+    demand (the greedy rule of :func:`allocate`); the Funding then says ``complete=False``. Pack
+    answers ``NeedsMoreOffers`` when its plan could depend on an offer not priced yet, and the
+    caller covers again with ``complete=True`` (every offer, as one pass always did). A refusal
+    always prices everything, so its numbers and typed reason are those of the whole family.
     """
     problem = invalid_reason(request, demand)
     if problem is not None:
@@ -321,32 +422,8 @@ def cover(
     default_hours = default_duration / _HOUR
     owner, flavor = request.owner, request.flavor
 
-    cands = family.candidates(owner, flavor)
-    locations = requested_locations(request, [e for _, e in cands.own])
-    own_in, own_out = _split(cands.own, locations)
-    sibs_in, sibs_out = _split(cands.siblings, locations)
-    pars_in, pars_out = _split(cands.parents, locations)
-    cous_in, cous_out = _split(cands.cousins, locations)
-    owned, fam_kind, sponsor = FundingKind.OWNED, FundingKind.FAMILY, FundingKind.SPONSOR
-    ordered: list[tuple[str, Envelope, FundingKind]] = [(k, e, owned) for k, e in own_in]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_in, *pars_in)]
-    ordered += [(k, e, owned) for k, e in own_out]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_out, *pars_out, *cous_in, *cous_out)]
-
-    sponsor_count = acl_allowed = 0
-    if request.allow_borrow and request.sponsors:
-        members = family.relatives(owner).members
-        spons: Keyed = tuple(
-            kv
-            for s in dict.fromkeys(request.sponsors)
-            if s not in members
-            for kv in family.flavored(s, flavor)
-        )
-        spon_in, spon_out = _split(spons, locations)
-        ordered += [(k, e, sponsor) for k, e in (*spon_in, *spon_out)]
-        sponsor_count = len(spons)
-        acl_allowed = sum(1 for _, e in spons if lends_to(e, owner))
-
+    order = _cached_order(request, family)
+    ordered = order.entries
     if not ordered:
         hint = (
             " (sponsors are ignored: allowBorrow is false)"
@@ -361,17 +438,23 @@ def cover(
             demand=need,
         )
 
+    stop_early = not complete and not order.node_level
     env_usage = usage.envelopes
+    sponsor = FundingKind.SPONSOR
     caps: dict[str, int] = {}
+    remaining: dict[str, int] = {}  # caps left after the greedy takes so far
     offers: list[Offer] = []  # every offer with own headroom, for the BorrowLimit diagnosis
     usable: list[Offer] = []  # ...and those whose shared caps are not exhausted
+    taken: list[tuple[str, int]] = []
+    left = need
     in_window = 0
     borrow_left = (
         None
         if request.max_borrow_gpus is None
         else max(0, request.max_borrow_gpus - already_borrowed)
     )
-    for key, env, kind in ordered:
+    last = len(ordered) - 1
+    for pos, (key, env, kind) in enumerate(order.walk()):
         if not window_allows(env, now, for_reservation=for_reservation):
             continue
         in_window += 1
@@ -381,8 +464,8 @@ def cover(
         used = ZERO if eu is None else eu.total
         gpus = env.concurrency - used.gpus
         if env.max_gpu_hours is not None and gpus > 0:
-            left = _hours_left(env.max_gpu_hours, used, default_hours)
-            gpus = min(gpus, gpus_for_hours(left, hours))
+            hours_left = _hours_left(env.max_gpu_hours, used, default_hours)
+            gpus = min(gpus, gpus_for_hours(hours_left, hours))
         if gpus <= 0:
             continue
         keys: list[str] = []
@@ -391,24 +474,37 @@ def cover(
             ck = agg_cap_key(cap.key)
             left_gpus = caps.get(ck)
             if left_gpus is None:
-                left_gpus = caps[ck] = cap_limit(cap, usage, hours, default_hours)
+                left_gpus = caps[ck] = remaining[ck] = cap_limit(cap, usage, hours, default_hours)
             ok = ok and left_gpus > 0
             keys.append(ck)
         if kind is sponsor:
             lend = lend_limit(env, usage, hours, default_hours)
             if lend is not None:
                 ck = lend_cap_key(key)
-                caps[ck] = lend
+                caps[ck] = remaining[ck] = lend
                 keys.append(ck)
                 ok = ok and lend > 0
             if borrow_left is not None:
-                caps[BORROW_CAP] = borrow_left
+                if BORROW_CAP not in caps:
+                    caps[BORROW_CAP] = remaining[BORROW_CAP] = borrow_left
                 keys.append(BORROW_CAP)
                 ok = ok and borrow_left > 0
         offer = Offer(envelope=env, gpus=gpus, kind=kind, caps=tuple(keys))
         offers.append(offer)
-        if ok:
-            usable.append(offer)
+        if not ok:
+            continue
+        usable.append(offer)
+        if left > 0:  # the greedy rule, one offer at a time (``_greedy``)
+            take = min(gpus, left)
+            for ck in keys:
+                take = min(take, remaining[ck])
+            if take > 0:
+                for ck in keys:
+                    remaining[ck] -= take
+                left -= take
+                taken.append((key, take))
+        if left <= 0 and stop_early:
+            return Funding(offers=tuple(usable), caps=MappingProxyType(caps), complete=pos == last)
 
     where = f"{flavor} envelope(s) for {owner}"
     if not in_window:
@@ -421,11 +517,28 @@ def cover(
         )
 
     frozen_caps = MappingProxyType(caps)
-    taken = _greedy(usable, caps, need)
-    funded = sum(t for _, t in taken)
-    if funded >= need:
+    if left <= 0:
         return Funding(offers=tuple(usable), caps=frozen_caps)
+    return _denied(
+        request, order, offers, usable, taken, frozen_caps, need, already_borrowed, in_window
+    )
 
+
+def _denied(
+    request: RunRequest,
+    order: _Order,
+    offers: Sequence[Offer],
+    usable: Sequence[Offer],
+    taken: Sequence[tuple[str, int]],
+    caps: Mapping[str, int],
+    need: int,
+    already_borrowed: int,
+    in_window: int,
+) -> CoverDenied:
+    """The typed refusal once every offer is priced: which limit stops the demand, with numbers."""
+    owner, flavor = request.owner, request.flavor
+    owned, fam_kind, sponsor = FundingKind.OWNED, FundingKind.FAMILY, FundingKind.SPONSOR
+    funded = sum(t for _, t in taken)
     short = need - funded
     kind_of = {o.envelope.key: o.kind for o in usable}
     by_kind = {k: 0 for k in FundingKind}
@@ -456,28 +569,29 @@ def cover(
             short,
             shown,
             need,
-            frozen_caps,
+            caps,
         )
-    if sponsor_count and acl_allowed == 0:
+    if order.sponsor_count and order.acl_allowed == 0:
         return CoverDenied(
             CoverFailure.ACL_DENIED,
-            f"ACLDenied: {head}; all {sponsor_count} {flavor} envelope(s) of sponsors "
+            f"ACLDenied: {head}; all {order.sponsor_count} {flavor} envelope(s) of sponsors "
             f"{', '.join(dict.fromkeys(request.sponsors))} refuse to lend to {owner}; "
             f"short by {short}",
             short,
             shown,
             need,
-            frozen_caps,
+            caps,
         )
-    skipped = len(ordered) - in_window
+    skipped = len(order.entries) - in_window
     note = f"; {skipped} envelope(s) outside their window" if skipped else ""
     borrow = "" if request.allow_borrow else "; borrowing not allowed (allowBorrow false)"
+    where = f"{flavor} envelope(s) for {owner}"
     return CoverDenied(
         CoverFailure.INSUFFICIENT_CAPACITY,
-        f"InsufficientCapacity: {head} from {len(usable)} of {len(ordered)} {where}; "
+        f"InsufficientCapacity: {head} from {len(usable)} of {len(order.entries)} {where}; "
         f"short by {short}{note}{borrow}",
         short,
         shown,
         need,
-        frozen_caps,
+        caps,
     )

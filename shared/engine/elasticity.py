@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from shared.engine.admit import Blocked, Start, claim_protection
 from shared.engine.cover import CoverDenied, cover
 from shared.engine.model import FundingKind, Lease, Role, RunRequest
-from shared.engine.pack import NoFit, group_sizes, pack
+from shared.engine.offers import Funding
+from shared.engine.pack import NoFit, Placement, group_sizes, needs_more_offers, pack
 from shared.engine.shrink import current_width
 from shared.engine.state import ClusterState
 
@@ -55,30 +56,38 @@ def grow(
         for lease in mine
         if lease.funding is FundingKind.SPONSOR and lease.role is Role.ACTIVE
     )
-    funding = cover(
-        request,
-        state.family,
-        state.usage,
-        now=state.now,
-        default_duration=state.settings.default_duration,
-        demand=demand,
-        already_borrowed=borrowed,
-    )
-    if isinstance(funding, CoverDenied):
-        return Blocked("cover", funding.reason.value, funding.message, funding.shortfall)
+    used = {d for lease in mine if (d := state.topology.domain_of(lease.node)) is not None}
     first_group = max((lease.group for lease in mine), default=-1) + 1
     first_rank = max((lease.rank for lease in mine), default=-1) + 1
-    used = {d for lease in mine if (d := state.topology.domain_of(lease.node)) is not None}
-    placed = pack(
-        request,
-        state.topology,
-        funding,
-        gpus=step,
-        first_group=first_group,
-        first_rank=first_rank,
-        used_domains=used,
-        protected=claim_protection(request, state.claims, state.topology, state.now),
-    )
+    protected = claim_protection(request, state.claims, state.topology, state.now)
+    placed: Placement | NoFit | None = None
+    funding: Funding | CoverDenied | None = None
+    for complete in (False, True):  # the complete offers only when pack asks for them
+        funding = cover(
+            request,
+            state.family,
+            state.usage,
+            now=state.now,
+            default_duration=state.settings.default_duration,
+            demand=demand,
+            already_borrowed=borrowed,
+            complete=complete,
+        )
+        if isinstance(funding, CoverDenied):
+            return Blocked("cover", funding.reason.value, funding.message, funding.shortfall)
+        placed = pack(
+            request,
+            state.topology,
+            funding,
+            gpus=step,
+            first_group=first_group,
+            first_rank=first_rank,
+            used_domains=used,
+            protected=protected,
+        )
+        if not needs_more_offers(placed):
+            break
+    assert placed is not None and isinstance(funding, Funding)
     if isinstance(placed, NoFit):
         return Blocked("pack", placed.reason.value, placed.message, step)
     return Grow(Start(funding, placed, step), first_group, first_rank)

@@ -18,6 +18,17 @@ DomainKey = tuple[str, str, str]
 RunKey = tuple[str, str]
 """(namespace, name) of a Run."""
 
+
+def run_label(key: RunKey) -> str:
+    """``namespace/name``: how the API spells a Run in sets and maps."""
+    return f"{key[0]}/{key[1]}"
+
+
+def parse_run_label(text: str) -> RunKey:
+    namespace, _, name = text.partition("/")
+    return namespace, name
+
+
 Selector = Mapping[str, str]
 """Topology labels that must all be equal on a node (exact string comparison)."""
 

@@ -11,7 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from shared.engine.model import Envelope, FundingKind
+from shared.engine.model import DOMAIN_LABELS, FLAVOR_LABEL, Envelope, FundingKind, Selector
+
+_DOMAIN_LEVEL = frozenset((*DOMAIN_LABELS, FLAVOR_LABEL))
+
+
+def has_node_keys(selector: Selector) -> bool:
+    """True when the selector names a label below the domain (a rack, a node label).
+
+    Such a payer pays only on some nodes of a domain, so which nodes pack may use depends on every
+    offer, not only on the first ones that can fund the Run.
+    """
+    return any(k not in _DOMAIN_LEVEL for k in selector)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,10 @@ class Funding:
 
     offers: tuple[Offer, ...]
     caps: Mapping[str, int] = field(default_factory=_frozen_caps)
+    complete: bool = True
+    """False when cover stopped pricing once these offers could fund the demand: later offers in
+    cover order exist. Pack then answers ``NeedsMoreOffers`` whenever its plan could depend on
+    them, and the caller covers again with ``complete=True``."""
 
     @property
     def total(self) -> int:

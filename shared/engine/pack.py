@@ -17,6 +17,10 @@ Rules, in the order they bite:
 * Each slice is paid by offers in cover order whose selector matches the node, within every offer's
   GPUs and shared caps; a slice two offers pay becomes two ``PlacedSlice`` entries.
 * No partial gang: all groups fit or the result is ``NoFit`` with a typed reason and the numbers.
+* A prefix Funding (cover stopped once it could fund the demand) gives the plan the complete one
+  would, or ``NeedsMoreOffers``: pack asks for the rest whenever a decision touched its end — a
+  domain whose payers ran short, a slice the listed offers could not pay, a domain the Run already
+  uses that none of them can pay in, or no fit at all.
 
 The function is pure and deterministic: the same inputs give the same plan, byte for byte. It reads
 the per-domain free index of ``Topology`` and sorts nodes only inside the domains it uses, so
@@ -61,6 +65,9 @@ class PackFailure(StrEnum):
     """GPUs exist, but not where (or not as many as) the offers can pay for."""
     SPREAD_FORBIDDEN = "SingleDomainNoFit"
     """``allowCrossGroupSpread=false`` and no single domain holds the whole gang."""
+    MORE_OFFERS = "NeedsMoreOffers"
+    """Not a verdict on the Run: the Funding was a prefix (``complete=False``) and the plan could
+    depend on offers cover did not price. The caller covers again with ``complete=True``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +294,9 @@ class _Packer:
         self.touched: set[DomainKey] = set()
         self.live = [self._is_live(i) for i in range(len(self.offers))]
         self.node_cache: dict[DomainKey, list[tuple[Node, tuple[int, ...]]]] = {}
+        self.prefix = not funding.complete
+        self.starved = self.prefix and self.per_node_payers
+        """A decision depended on offers after the prefix: the plan must be redone with them."""
 
         self.payers: dict[DomainKey, tuple[int, ...]] = {}
         self.cap: dict[DomainKey, int] = {}
@@ -314,6 +324,8 @@ class _Packer:
                 self.payers[dom] = ps
                 self.cap[dom] = room
         self.used.update(d for d in used_domains if d in self.payers)
+        if self.prefix and any(d not in self.payers for d in used_domains):
+            self.starved = True
         self._unused: list[DomainKey] = []
         self._dirty = True
 
@@ -448,6 +460,13 @@ class _Packer:
         """Upper bound of what the domain's payers can still fund (ignores caps)."""
         return sum(self.left[i] for i in self.payers[dom] if self.live[i])
 
+    def funds(self, dom: DomainKey, need: int) -> bool:
+        """``fundable(dom) >= need``; a prefix that falls short there asks for more offers."""
+        if self.fundable(dom) >= need:
+            return True
+        self.starved = self.starved or self.prefix
+        return False
+
     def _pay(self, payers: tuple[int, ...], amount: int) -> tuple[_Pay, int]:
         """Split ``amount`` across payers in cover order; returns splits and the unpaid rest."""
         splits: _Pay = []
@@ -466,6 +485,8 @@ class _Packer:
                     self._set_cap(c, self.caps[c] - t)
             splits.append((i, t))
             amount -= t
+        if amount > 0 and self.prefix:
+            self.starved = True
         return splits, amount
 
     # ---- undo log
@@ -715,6 +736,8 @@ def pack(
     sizes = group_sizes(request, active)
     spares = request.spares_per_group
     demand = active + spares * (len(sizes) if sizes is not None else 1)
+    if funding.total < demand and not funding.complete:
+        return _more_offers(demand, funding)
     if funding.total < demand:
         return NoFit(
             PackFailure.NO_FUNDED_CAPACITY,
@@ -722,10 +745,27 @@ def pack(
         )
     p = _Packer(request, topology, funding, used_domains, protected)
     if sizes is None:
-        return _pack_nodes(p, active, spares, first_group, first_rank, used_domains)
-    if not request.allow_cross_group_spread:
-        return _pack_one_domain(p, sizes, spares, first_group, first_rank, used_domains)
-    return _pack_groups(p, sizes, spares, first_group, first_rank)
+        placed = _pack_nodes(p, active, spares, first_group, first_rank, used_domains)
+    elif not request.allow_cross_group_spread:
+        placed = _pack_one_domain(p, sizes, spares, first_group, first_rank, used_domains)
+    else:
+        placed = _pack_groups(p, sizes, spares, first_group, first_rank)
+    if p.prefix and (p.starved or isinstance(placed, NoFit)):
+        return _more_offers(demand, funding)
+    return placed
+
+
+def _more_offers(demand: int, funding: Funding) -> NoFit:
+    return NoFit(
+        PackFailure.MORE_OFFERS,
+        f"{PackFailure.MORE_OFFERS.value}: the plan for {demand} GPUs depends on offers after the "
+        f"{len(funding.offers)} cover listed",
+    )
+
+
+def needs_more_offers(placed: Placement | NoFit) -> bool:
+    """True when pack asks the caller to cover again with ``complete=True`` and retry."""
+    return isinstance(placed, NoFit) and placed.reason is PackFailure.MORE_OFFERS
 
 
 def _place_group(
@@ -784,7 +824,7 @@ def _pack_groups(
         phases = ((size + spares, False), (size, True)) if spares else ((size, False),)
         for need, elsewhere in phases:
             for dom in p.ranked():
-                if p.cap[dom] < need or p.fundable(dom) < need:
+                if p.cap[dom] < need or not p.funds(dom, need):
                     continue
                 placed = _place_group(p, dom, size, spares, index, rank, elsewhere)
                 if placed is not None:
@@ -818,7 +858,7 @@ def _pack_one_domain(
     for dom in candidates:
         if p.cap[dom] < total:
             continue
-        if p.fundable(dom) < total:
+        if not p.funds(dom, total):
             continue
         mark = p.mark()
         groups: list[GroupPlacement] = []
@@ -956,5 +996,6 @@ __all__ = [
     "Placement",
     "fits",
     "group_sizes",
+    "needs_more_offers",
     "pack",
 ]

@@ -4,8 +4,9 @@ Each service decides on a :class:`ClusterState`. Rebuilding one from raw objects
 decision would cost O(cluster) each time, so the cache translates every change once, as it
 arrives, into the engine's views: an immutable :class:`Topology` (built once from the records
 of the first lists, then advanced with ``with_node``/``without_node``/``with_lease``/
-``with_pods``), the ledger of Leases (closed ones stay: accounting
-needs their GPU-hours), Budgets (the Family index is rebuilt only when a Budget really changed),
+``with_pods``), the ledger of Leases (closed ones stay: accounting needs their GPU-hours), Budgets
+(the Family index is advanced with ``Family.updated`` when a Budget really changed, keeping the
+relations it cannot have changed),
 RunRequests and reservation claims. ``snapshot`` then only assembles them.
 
 Pods are watched in every namespace whatever the cache's scope (a node's capacity is shared by
@@ -372,7 +373,15 @@ class ClusterCache:
             self._budgets.pop(name, None)
         else:
             self._budgets[name] = budget
-        self._family = None
+        if self._family is not None:
+            try:
+                self._family = self._family.updated(
+                    upserts=() if budget is None else (budget,),
+                    deletes=(name,) if budget is None else (),
+                )
+            except ValueError as exc:  # a key clash: snapshot() rebuilds and reports it
+                log.error("budget %s: %s", name, exc)
+                self._family = None
         self._version += 1
 
     def _on_run(self, event: EventType, obj: Obj, old: Obj | None) -> None:

@@ -159,7 +159,9 @@ SAMPLES: list[Any] = [
         at=T0,
     ),
     PlanRequest(run=RUN, request=REQUEST, funding=Funding(offers=())),
+    PlanRequest(run=RUN, request=REQUEST, funding=Funding(offers=FUNDING.offers, complete=False)),
     PlanReply(version=41, placement=PLACEMENT),
+    PlanReply(version=41, reason="NeedsMoreOffers", message="the plan depends on offers after 1"),
     PlanReply(version=41, reason="NoFundedCapacity", message="need 16, 8 funded"),
     LeaseEnd(name="old-lease", closure="Swap"),
     CommitRequest(

@@ -43,7 +43,7 @@ def _outsider() -> dict[str, Any]:
             "resources": {"gpuType": "H100-80GB", "totalGPUs": 32},
             "locality": {"groupGPUs": 32},
             "runtime": {"maxDuration": "1h"},
-            "funding": {"allowBorrow": True, "maxBorrowGPUs": 32, "sponsors": ["lab:vision"]},
+            "funding": {"allowBorrow": True, "maxBorrowGPUs": 32, "sponsors": ["org:vision"]},
         },
     }
 
@@ -66,7 +66,7 @@ def test_cofunded_run_splits_funding_with_its_sponsor(clean: LocalStack) -> None
     leases = run_leases(stack, NS, RUN)
     detail = describe_leases(leases)
     owned = [lease for lease in leases if lease["spec"]["paidByOwner"] == "org:ai:rai:sys"]
-    borrowed = [lease for lease in leases if lease["spec"]["paidByOwner"] == "lab:vision"]
+    borrowed = [lease for lease in leases if lease["spec"]["paidByOwner"] == "org:vision"]
     assert len(owned) + len(borrowed) == len(leases), f"an unexpected payer:\n{detail}"
     assert sum(x["spec"]["slice"]["gpus"] for x in owned) == 96, detail
     assert sum(x["spec"]["slice"]["gpus"] for x in borrowed) == 32, detail
@@ -93,7 +93,7 @@ def test_cofunded_run_splits_funding_with_its_sponsor(clean: LocalStack) -> None
         assert funding.get("borrowedGPUs") == 32, funding
         sponsors = funding.get("sponsors") or []
         assert [(s["owner"], s["kind"], s["gpus"]) for s in sponsors] == [
-            ("lab:vision", "sponsor", 32)
+            ("org:vision", "sponsor", 32)
         ], funding
         assert status.get("width", {}).get("allocated") == 128, status
 

@@ -1,7 +1,7 @@
 """Flow 1 — the administrator guide's first Run binds at once (SPEC §3 cover, pack, bind).
 
 With both sample budgets, ``run-128-groups`` (malleable 64–128 GPUs in groups of 32, sponsor
-``lab:vision``) starts at 128 GPUs in one gang: 96 GPUs paid by ``west-h100-nv-a`` on the first
+``org:vision``) starts at 128 GPUs in one gang: 96 GPUs paid by ``west-h100-nv-a`` on the first
 twelve nv-a nodes and 32 borrowed from the vision lab on the first four nv-b nodes (pack-to-empty,
 whole nodes, by name). Every pod is bound by ``spec.nodeName`` to a planned node and Running under
 KWOK; every Lease has one payer whose selector matches its node; the Run and Budget status follow
@@ -88,7 +88,7 @@ def test_run_128_groups_binds_in_one_gang(clean: LocalStack) -> None:
             group_domains[spec["compPath"][0]].add(tuple(labels[node][k] for k in DOMAIN_KEYS))
     assert dict(gpus_by_payer) == {
         ("west-h100", "west-h100-nv-a", "org:ai:rai:sys"): 96,
-        ("vision-lending", "vision-h100-nv-b", "lab:vision"): 32,
+        ("vision-lending", "vision-h100-nv-b", "org:vision"): 32,
     }, detail
     assert sorted(gpus_by_node) == NV_A + NV_B, detail
     assert all(g == 8 for g in gpus_by_node.values()), detail
@@ -139,7 +139,7 @@ def test_run_128_groups_binds_in_one_gang(clean: LocalStack) -> None:
     assert funding["ownedGPUs"] == 96, funding
     assert funding.get("sharedGPUs", 0) == 0, funding
     assert funding["borrowedGPUs"] == 32, funding
-    sponsor = by_name([dict(s, name=s["owner"]) for s in funding.get("sponsors", [])], "lab:vision")
+    sponsor = by_name([dict(s, name=s["owner"]) for s in funding.get("sponsors", [])], "org:vision")
     assert (sponsor["kind"], sponsor["gpus"]) == ("sponsor", 32), funding
 
     # --- Budget status: headroom replayed from the ledger ----------------------------------

@@ -459,13 +459,13 @@ def test_shrink_and_sponsors_patch_the_spec(cli: Cli) -> None:
     assert cli.json("shrink", "cli-plan", "-n", NS, "--by", "32")["desiredTotalGPUs"] == 64
 
     cli("sponsors", "add", "cli-plan", "lab:audio", "-n", NS)
-    assert spec()["funding"]["sponsors"] == ["lab:vision", "lab:audio"]
+    assert spec()["funding"]["sponsors"] == ["org:vision", "lab:audio"]
     listed = cli.json("sponsors", "list", "cli-plan", "-n", NS)
-    assert [s["owner"] for s in listed["sponsors"]] == ["lab:vision", "lab:audio"]
+    assert [s["owner"] for s in listed["sponsors"]] == ["org:vision", "lab:audio"]
     assert "lab:audio" in cli("sponsors", "list", "cli-plan", "-n", NS).stdout
-    cli("sponsors", "remove", "cli-plan", "lab:vision", "-n", NS)
+    cli("sponsors", "remove", "cli-plan", "org:vision", "-n", NS)
     assert spec()["funding"]["sponsors"] == ["lab:audio"]
-    missing = cli("sponsors", "remove", "cli-plan", "lab:vision", "-n", NS, ok=False)
+    missing = cli("sponsors", "remove", "cli-plan", "org:vision", "-n", NS, ok=False)
     assert missing.returncode == 1 and len(missing.stderr.splitlines()) == 1
 
 

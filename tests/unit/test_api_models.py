@@ -92,7 +92,7 @@ def test_aliases_spell_gpu_in_capitals() -> None:
 def test_budget_parses_and_round_trips() -> None:
     budget = Budget.parse(BUDGET)
     assert budget.spec.envelopes[0].concurrency == 64
-    assert budget.spec.parent_owners() == ["org:ai:rai"]
+    assert budget.spec.parents is None
     assert Budget.parse(budget.dump()) == budget
     assert budget.dump()["spec"]["envelopes"][0]["selector"]["fabric.domain"] == "nv-a"
 
@@ -105,11 +105,8 @@ def test_populate_by_name_accepts_python_names() -> None:
     assert run.dump()["spec"]["resources"] == {"gpuType": "H100-80GB", "totalGPUs": 8}
 
 
-def test_explicit_parents_win_and_roots_have_none() -> None:
-    assert Budget.parse(with_(BUDGET, "spec/parents", ["org:ml"])).spec.parent_owners() == [
-        "org:ml"
-    ]
-    assert Budget.parse(with_(BUDGET, "spec/owner", "org")).spec.parent_owners() == []
+def test_explicit_parents_parse() -> None:
+    assert Budget.parse(with_(BUDGET, "spec/parents", ["org:ml"])).spec.parents == ["org:ml"]
 
 
 def test_budget_defaults() -> None:

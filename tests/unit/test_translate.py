@@ -185,7 +185,7 @@ def test_malleable_run_request() -> None:
     assert req.malleable == Malleable(min_gpus=64, max_gpus=128, step_gpus=32, desired_gpus=128)
     assert req.max_duration == timedelta(hours=4) and req.checkpoint == timedelta(minutes=30)
     assert req.max_restarts == 2
-    assert (req.allow_borrow, req.max_borrow_gpus, req.sponsors) == (True, 32, ("lab:vision",))
+    assert (req.allow_borrow, req.max_borrow_gpus, req.sponsors) == (True, 32, ("org:vision",))
     assert req.allow_cross_group_spread and dict(req.selector) == {} and not req.opportunistic
 
 

@@ -116,7 +116,9 @@ def test_cancel_summary_counts_open_leases() -> None:
 
 def test_filters_and_sorts() -> None:
     all_rows = rows()
-    assert [r["name"] for r in all_rows if listing.matches(r, "org:ai", None)] == ["big"]
+    assert [r["name"] for r in all_rows if listing.matches(r, "org:ai:*", None)] == ["big"]
+    # a path prefix alone relates nobody (SPEC §2: the family is the tree of Budgets)
+    assert [r["name"] for r in all_rows if listing.matches(r, "org:ai", None)] == []
     assert [r["name"] for r in all_rows if listing.matches(r, "lab:*", None)] == ["wait"]
     assert [r["name"] for r in all_rows if listing.matches(r, None, ["pending", "Running"])] == [
         "big",

@@ -26,8 +26,10 @@ from services.kubectl_runs.config import context_namespace
 from shared.cli import views
 from shared.engine import lottery
 from shared.engine.bindplan import LeaseIntent
+from shared.engine.family import Family
 from shared.engine.model import FundingKind, LeaseReason, Role
 from shared.kube.translate import lease_manifest, rfc3339
+from tests.unit.engine.budgets import budget, env
 
 SAMPLES = Path(__file__).resolve().parents[3] / "config" / "samples"
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -202,13 +204,25 @@ def test_human_durations_and_relative_times() -> None:
     assert views.relative(NOW, NOW) == "now"
 
 
-def test_owner_filter_is_exact_family_prefix_or_glob() -> None:
-    assert views.owner_matches("org:ai:rai:sys", "org:ai:rai:sys")
-    assert views.owner_matches("org:ai:rai:sys", "org:ai")
-    assert not views.owner_matches("org:aix", "org:ai")
-    assert not views.owner_matches("org:ai", "org:ai:rai")
-    assert views.owner_matches("lab:vision", "lab:*")
-    assert views.owner_matches("anything", None)
+def test_owner_filter_is_exact_family_descendant_or_glob() -> None:
+    linked = Family(
+        [
+            budget("org:ai", env("e", 1)),
+            budget("org:ai:rai", env("e", 1)),
+            budget("org:ai:rai:sys", env("e", 1)),
+            budget("org:aix", env("e", 1)),
+        ]
+    )
+    assert views.owner_matches("org:ai:rai:sys", "org:ai:rai:sys", linked)
+    assert views.owner_matches("org:ai:rai:sys", "org:ai", linked)
+    assert not views.owner_matches("org:aix", "org:ai", linked)
+    assert not views.owner_matches("org:ai", "org:ai:rai", linked)
+    # A path prefix without the Budgets in between is not a family; a glob selects by path.
+    alone = Family([budget("org:ai", env("e", 1)), budget("org:ai:rai:sys", env("e", 1))])
+    assert not views.owner_matches("org:ai:rai:sys", "org:ai", alone)
+    assert views.owner_matches("org:ai:rai:sys", "org:ai:*", alone)
+    assert views.owner_matches("lab:vision", "lab:*", alone)
+    assert views.owner_matches("anything", None, alone)
 
 
 def test_run_references() -> None:
@@ -275,7 +289,7 @@ def test_plan_of_a_running_run_shows_width_and_funding() -> None:
         funding={
             "ownedGPUs": 96,
             "borrowedGPUs": 32,
-            "sponsors": [{"owner": "lab:vision", "kind": "sponsor", "gpus": 32, "gpuHours": 64}],
+            "sponsors": [{"owner": "org:vision", "kind": "sponsor", "gpus": 32, "gpuHours": 64}],
         },
     )
     record = views.plan_record(run, None, NOW)
@@ -283,7 +297,7 @@ def test_plan_of_a_running_run_shows_width_and_funding() -> None:
     assert record["funding"]["borrowedGPUs"] == 32
     text = render.plan(record)
     assert "128 allocated of 128 desired" in text
-    assert "96 owned, 0 shared, 32 borrowed GPUs (sponsor lab:vision 32)" in text
+    assert "96 owned, 0 shared, 32 borrowed GPUs (sponsor org:vision 32)" in text
 
 
 def test_plan_hints_when_nothing_admitted_the_run() -> None:
@@ -364,7 +378,7 @@ def test_usage_recomputes_headroom_from_live_leases() -> None:
             "d",
             node="gpu-b-01",
             envelope="vision-lending/vision-h100-nv-b",
-            payer="lab:vision",
+            payer="org:vision",
             funding=FundingKind.SPONSOR,
         ),
         lease("old", closed="Completed", end=T0 + timedelta(hours=1)),
@@ -383,7 +397,7 @@ def test_usage_recomputes_headroom_from_live_leases() -> None:
     (cap,) = record["aggregateCaps"]
     assert (cap["usedGPUs"], cap["headroomGPUs"]) == (24, 104)
     assert "recomputed from 5 Leases" in record["source"]
-    vision = views.usage_record(budgets(), leases, NOW, owner="lab:vision")
+    vision = views.usage_record(budgets(), leases, NOW, owner="org:vision")
     (env,) = vision["envelopes"]
     assert env["borrowedOut"] == 8 and env["lending"]["lentGPUs"] == 8
     for width in (80, 120):
@@ -500,7 +514,7 @@ def test_explain_finds_and_verifies_the_lottery_that_cut_the_run() -> None:
             group=3,
             node="gpu-b-01",
             envelope="vision-lending/vision-h100-nv-b",
-            payer="lab:vision",
+            payer="org:vision",
             funding=FundingKind.SPONSOR,
             closed=closure,
         ),
@@ -532,8 +546,8 @@ def test_explain_finds_and_verifies_the_lottery_that_cut_the_run() -> None:
     assert group0["nodes"] == ["gpu-a-01", "gpu-a-02"] and group0["gpus"] == 16
     payers = {p["owner"]: p for p in record["funding"]["byPayer"]}
     assert payers["org:ai:rai:sys"]["openGPUs"] == 16
-    assert payers["lab:vision"] == {
-        "owner": "lab:vision",
+    assert payers["org:vision"] == {
+        "owner": "org:vision",
         "envelope": "vision-lending/vision-h100-nv-b",
         "kind": "sponsor",
         "openGPUs": 0,
@@ -561,10 +575,10 @@ def test_sponsor_edits_are_validated_merge_patches() -> None:
     edit = views.sponsors_edit(run, "add", "lab:audio")
     assert edit.patch == {
         "metadata": {"resourceVersion": "42"},
-        "spec": {"funding": {"sponsors": ["lab:vision", "lab:audio"]}},
+        "spec": {"funding": {"sponsors": ["org:vision", "lab:audio"]}},
     }
-    assert views.sponsors_edit(run, "add", "lab:vision").patch is None
-    removed = views.sponsors_edit(run, "remove", "lab:vision")
+    assert views.sponsors_edit(run, "add", "org:vision").patch is None
+    removed = views.sponsors_edit(run, "remove", "org:vision")
     assert removed.patch is not None
     assert removed.patch["spec"]["funding"]["sponsors"] is None
     with pytest.raises(views.ViewError, match="not a sponsor"):
@@ -574,10 +588,10 @@ def test_sponsor_edits_are_validated_merge_patches() -> None:
     run["spec"]["funding"]["allowBorrow"] = False
     assert views.sponsors_edit(run, "add", "lab:audio").notes
     record = views.sponsors_record(
-        run_obj(funding={"sponsors": [{"owner": "lab:vision", "kind": "sponsor", "gpus": 32}]})
+        run_obj(funding={"sponsors": [{"owner": "org:vision", "kind": "sponsor", "gpus": 32}]})
     )
     assert record["sponsors"] == [
-        {"owner": "lab:vision", "kind": "sponsor", "gpus": 32, "gpuHours": 0.0}
+        {"owner": "org:vision", "kind": "sponsor", "gpus": 32, "gpuHours": 0.0}
     ]
 
 

@@ -140,6 +140,19 @@ def budget(
     )
 
 
+LINK_FLAVOR = "link-only"
+"""Flavor no Run asks for: an envelope of it makes a Budget that only joins the family tree."""
+
+
+def root(owner: str) -> Budget:
+    """A Budget for ``owner`` with no money of the tested flavors: it only links the tree.
+
+    The family is the tree of Budgets that exist (SPEC §2), so two teams under ``org:ai:rai`` are
+    siblings only when a Budget for ``org:ai:rai`` exists.
+    """
+    return budget(owner, env("link", 1, flavor=LINK_FLAVOR))
+
+
 def key(owner: str, envelope_name: str) -> str:
     """Envelope key of an envelope built by :func:`budget` with the default budget name."""
     return f"{owner.replace(':', '-')}/{envelope_name}"

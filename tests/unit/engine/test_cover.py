@@ -46,6 +46,7 @@ from tests.unit.engine.budgets import (
     lending,
     loc,
     request,
+    root,
 )
 
 H = timedelta(hours=1)
@@ -96,7 +97,7 @@ def _six_step_family() -> Family:
 def test_six_steps_in_order_with_requested_location() -> None:
     fam = _six_step_family()
     req = request(ME, 8, selector=EAST, allow_borrow=True, sponsors=["ext:far", "ext:lab"])
-    f = funded(cover(req, fam, empty(), now=T0))
+    f = funded(cover(req, fam, empty(), now=T0, complete=True))
     k = {o: key(o, "east") for o in (ME, "org:ai:rai:ml", "org:ai:rai", "org:ai")}
     w = {o: key(o, "west") for o in (ME, "org:ai:rai:ml", "org:ai:rai", "org:ai")}
     assert keys(f) == [
@@ -127,9 +128,10 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
             budget(ME, env("w", 4, selector=WEST), env("e", 4, selector=EAST)),
             budget("org:ai:rai:ml", env("e", 4, selector=EAST), env("w", 4, selector=WEST)),
             budget("org:ai:rai:x", env("eu", 4, selector=loc("eu-west"))),
+            root("org:ai:rai"),
         ]
     )
-    f = funded(cover(request(ME, 4), fam, empty(), now=T0))
+    f = funded(cover(request(ME, 4), fam, empty(), now=T0, complete=True))
     # siblings: WEST (owner's first location) before EAST; eu-west is elsewhere (step 4).
     assert keys(f) == [
         key(ME, "w"),
@@ -140,8 +142,30 @@ def test_default_location_is_owner_envelopes_in_order() -> None:
     ]
 
 
+def test_cover_stops_pricing_once_the_demand_is_funded() -> None:
+    fam = Family(
+        [
+            budget(ME, env("w", 4, selector=WEST), env("e", 4, selector=EAST)),
+            budget("org:ai:rai:ml", env("e", 4, selector=EAST)),
+            root("org:ai:rai"),
+        ]
+    )
+    lazy = funded(cover(request(ME, 6), fam, empty(), now=T0))
+    assert keys(lazy) == [key(ME, "w"), key(ME, "e")] and not lazy.complete
+    whole = funded(cover(request(ME, 6), fam, empty(), now=T0, complete=True))
+    assert keys(whole) == [key(ME, "w"), key(ME, "e"), key("org:ai:rai:ml", "e")]
+    assert whole.complete and allocate(lazy, 6) == allocate(whole, 6)
+    # The last offer funds it: nothing was left unpriced.
+    assert funded(cover(request(ME, 12), fam, empty(), now=T0)).complete
+    # A rack-level payer makes pack's node sets depend on every offer: cover lists them all.
+    racked = fam.updated([budget("org:ai:rai:ml", env("e", 4, selector={**EAST, "rack": "r1"}))])
+    assert funded(cover(request(ME, 6), racked, empty(), now=T0)).complete
+
+
 def test_owner_without_envelopes_takes_family_anywhere() -> None:
-    fam = Family([budget("org:ai:rai", env("w", 4, selector=WEST))])
+    fam = Family(
+        [budget(ME, env("a", 4, flavor=A100)), budget("org:ai:rai", env("w", 4, selector=WEST))]
+    )
     f = funded(cover(request(ME, 4), fam, empty(), now=T0))
     assert keys(f) == [key("org:ai:rai", "w")]
     assert f.offers[0].kind is FundingKind.FAMILY
@@ -165,13 +189,21 @@ def test_only_the_run_flavor_pays() -> None:
 
 
 def test_family_sharing_needs_no_allow_borrow() -> None:
-    fam = Family([budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8))])
+    fam = Family(
+        [budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8)), root("org:ai:rai")]
+    )
     f = funded(cover(request(ME, 12), fam, empty(), now=T0))
     assert allocate(f, 12) == ((key(ME, "e"), 4), (key("org:ai:rai:ml", "e"), 8))
 
 
 def test_sponsor_who_is_family_is_used_as_family_without_acl() -> None:
-    fam = Family([budget(ME, env("e", 4)), budget("org:ai:rai:ml", env("e", 8, lend=Lending()))])
+    fam = Family(
+        [
+            budget(ME, env("e", 4)),
+            budget("org:ai:rai:ml", env("e", 8, lend=Lending())),
+            root("org:ai:rai"),
+        ]
+    )
     req = request(ME, 12, allow_borrow=True, sponsors=["org:ai:rai:ml"])
     f = funded(cover(req, fam, empty(), now=T0))
     assert [(o.envelope.key, o.kind) for o in f.offers] == [
@@ -283,7 +315,7 @@ def test_aggregate_cap_gpu_hours_and_usage() -> None:
 
 def test_exhausted_aggregate_cap_hides_its_offers() -> None:
     b = budget(ME, env("a", 8), caps=[cap("c", ["a"], max_concurrency=2)])
-    fam = Family([b, budget("org:ai:rai:ml", env("e", 8))])
+    fam = Family([b, budget("org:ai:rai:ml", env("e", 8)), root("org:ai:rai")])
     u = usage_from_ledger([lease("l", key(ME, "a"), 2, T0)], b.caps, now=T0)
     f = funded(cover(request(ME, 4), fam, u, now=T0))
     assert keys(f) == [key("org:ai:rai:ml", "e")]
@@ -453,7 +485,9 @@ def test_no_envelope_in_an_unrelated_tree() -> None:
 
 
 def test_insufficient_capacity_message_has_numbers() -> None:
-    fam = Family([budget(ME, env("e", 64)), budget("org:ai:rai:ml", env("e", 32))])
+    fam = Family(
+        [budget(ME, env("e", 64)), budget("org:ai:rai:ml", env("e", 32)), root("org:ai:rai")]
+    )
     d = denied(cover(request(ME, 128), fam, empty(), now=T0), CoverFailure.INSUFFICIENT_CAPACITY)
     assert d.shortfall == 32
     assert "owned 64, family 32" in d.message

@@ -11,7 +11,7 @@ from shared.engine.cover import CoverDenied, allocate, cover, cover_demand
 from shared.engine.family import Family
 from shared.engine.model import CoverFailure, FundingKind, Lease, Role, RunRequest
 from shared.engine.offers import Funding
-from tests.unit.engine.budgets import T0, budget, env, lending, loc, request
+from tests.unit.engine.budgets import T0, budget, env, lending, loc, request, root
 
 H = timedelta(hours=1)
 D1 = loc("us-east", "c1", "d1")
@@ -50,6 +50,7 @@ def test_family_sharing_across_two_domains() -> None:
         [
             budget(sys_, env("d1", 32, selector=D1)),
             budget(ml, env("d2", 64, selector=D2)),
+            root("org:ai:rai"),
         ]
     )
     req = request(sys_, 64, group_gpus=32, name="train", max_duration=10 * H)
