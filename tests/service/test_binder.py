@@ -102,7 +102,9 @@ def fleet(crds: ControlPlane, namespace: str) -> list[str]:
 async def binder(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Binder]:
-    runtime = ServiceRuntime("binder", nats_url=nats_server.url)
+    runtime = ServiceRuntime(
+        "binder", nats_url=nats_server.url, credentials=nats_server.credentials("binder")
+    )
     options = BinderOptions(tick_seconds=0.2, missing_pod_grace=timedelta(seconds=5))
     async with h.in_process(crds, lambda api: Binder(runtime, api, options)) as service:
         yield service
