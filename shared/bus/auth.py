@@ -18,7 +18,8 @@ may publish and subscribe is computed here from ``shared.bus.subjects`` and nowh
 
 :func:`render_authorization` turns identities and credentials into the nats-server
 ``authorization`` block; the same text is what ``jobtree-local``, the tests, the Helm chart and the
-Kustomize base run with, and ``jobtree-nats-auth`` prints it for an operator's own NATS.
+Kustomize base run with, and ``jobtree-nats-auth`` prints it for an operator's own NATS (and
+``jobtree-nats-auth secrets`` the Kubernetes Secrets holding fresh passwords).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import bcrypt
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.bus.subjects import (
     CATALOG,
@@ -164,8 +172,11 @@ def new_password() -> str:
 
 
 def hash_password(password: str, rounds: int = 11) -> str:
-    """The bcrypt hash nats-server accepts in place of a password (``$2b$…``)."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds)).decode()
+    """The bcrypt hash nats-server accepts in place of a password. It is a ``$2a$`` hash: the
+    nats-server config parser reads a ``$2a$…`` value from the environment as the hash, but
+    takes a ``$2b$…`` one for another variable reference (the two prefixes hash the same for
+    passwords shorter than 72 bytes)."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds, prefix=b"2a")).decode()
 
 
 @dataclass(frozen=True)
@@ -236,21 +247,127 @@ def env_users(identities: Sequence[str] = IDENTITIES) -> list[User]:
     return [User(i, password_env=password_env(i)) for i in identities]
 
 
+# --------------------------------------------------------------------------- Kubernetes Secrets
+
+
+def _labels(identity: str | None = None) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": "jobtree", "app.kubernetes.io/part-of": "jobtree"}
+    if identity is not None:
+        labels["jobtree.io/nats-identity"] = identity
+    return labels
+
+
+def secret_manifests(
+    namespace: str, prefix: str = "jobtree", identities: Sequence[str] = IDENTITIES
+) -> list[dict[str, Any]]:
+    """One Secret per identity, ``<prefix>-nats-<identity>``: a fresh random ``password`` for the
+    service and its ``bcrypt`` hash for nats-server (the names the Helm chart and the Kustomize
+    base mount)."""
+    out: list[dict[str, Any]] = []
+    for identity in identities:
+        password = new_password()
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": f"{prefix}-nats-{identity}",
+                    "namespace": namespace,
+                    "labels": _labels(identity),
+                },
+                "stringData": {"password": password, "bcrypt": hash_password(password)},
+            }
+        )
+    return out
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def tls_manifests(
+    namespace: str, prefix: str = "jobtree", days: int = 3650
+) -> list[dict[str, Any]]:
+    """A fresh CA and a server certificate for the bundled NATS Service ``<prefix>-nats``: the
+    Secret ``<prefix>-nats-tls`` (tls.crt, tls.key, ca.crt) for the server and the ConfigMap
+    ``<prefix>-nats-ca`` (ca.crt) the services verify it with."""
+    service = f"{prefix}-nats"
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{service}-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[2])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    meta = {"namespace": namespace, "labels": _labels()}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": f"{service}-tls", **meta},
+            "stringData": {"tls.crt": _pem(cert), "tls.key": key_pem, "ca.crt": _pem(ca)},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{service}-ca", **meta},
+            "data": {"ca.crt": _pem(ca)},
+        },
+    ]
+
+
 # --------------------------------------------------------------------------- command
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``jobtree-nats-auth``: print the authorization block (or the permissions as JSON)."""
+    """``jobtree-nats-auth``: print the authorization block, the permissions as JSON, or fresh
+    Kubernetes Secrets for every identity."""
     parser = argparse.ArgumentParser(
         prog="jobtree-nats-auth",
-        description="Print the NATS users and permissions Jobtree's services need.",
+        description="The NATS users and permissions Jobtree's services need.",
     )
     parser.add_argument(
-        "--format",
-        choices=["conf", "json"],
+        "what",
+        nargs="?",
+        choices=["conf", "json", "secrets"],
         default="conf",
-        help="conf: a nats-server authorization block reading each password from "
-        "$JOBTREE_NATS_PASSWORD_<IDENTITY>; json: the permissions per identity",
+        help="conf (default): a nats-server authorization block reading each password (or its "
+        "bcrypt hash) from $JOBTREE_NATS_PASSWORD_<IDENTITY>; json: the permissions per "
+        "identity; secrets: Kubernetes Secrets with fresh passwords (YAML, for kubectl apply)",
     )
     parser.add_argument(
         "--identity",
@@ -258,9 +375,18 @@ def main(argv: list[str] | None = None) -> None:
         choices=IDENTITIES,
         help="only these identities (repeatable; default: all)",
     )
+    parser.add_argument("--namespace", default="jobtree-system", help="secrets: namespace")
+    parser.add_argument(
+        "--prefix", default="jobtree", help="secrets: name prefix (<prefix>-nats-<identity>)"
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="secrets: also a CA and server certificate for the bundled NATS",
+    )
     ns = parser.parse_args(argv)
     chosen: list[str] = ns.identity or list(IDENTITIES)
-    if ns.format == "json":
+    if ns.what == "json":
         out = {
             i: {
                 "inbox_prefix": inbox_prefix(i),
@@ -271,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
             for i in chosen
         }
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    elif ns.what == "secrets":
+        docs = secret_manifests(ns.namespace, ns.prefix, chosen)
+        if ns.tls:
+            docs += tls_manifests(ns.namespace, ns.prefix)
+        sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
     else:
         sys.stdout.write(render_authorization(env_users(chosen)))
 

@@ -35,6 +35,9 @@ class BusCredentials:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    tls_server_name: str | None = None
+    """The name the server certificate must carry when the URL's host is another (an IP, a
+    port-forward); by default the URL's host."""
 
     def __post_init__(self) -> None:
         kinds = [
@@ -84,6 +87,8 @@ class BusCredentials:
         tls = self.tls_context()
         if tls is not None:
             opts["tls"] = tls
+            if self.tls_server_name is not None:
+                opts["tls_hostname"] = self.tls_server_name
         return opts
 
 
@@ -196,6 +201,7 @@ def service_args(name: str, argv: list[str] | None = None) -> ServiceConfig:
             tls_ca_file=ns.nats_tls_ca_file or None,
             tls_cert_file=ns.nats_tls_cert_file or None,
             tls_key_file=ns.nats_tls_key_file or None,
+            tls_server_name=ns.nats_tls_server_name or None,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -227,5 +233,10 @@ def _credential_args(parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
         ("--nats-tls-ca-file", "JOBTREE_NATS_TLS_CA_FILE", "CA bundle the server is checked with"),
         ("--nats-tls-cert-file", "JOBTREE_NATS_TLS_CERT_FILE", "client certificate (mutual TLS)"),
         ("--nats-tls-key-file", "JOBTREE_NATS_TLS_KEY_FILE", "client private key (mutual TLS)"),
+        (
+            "--nats-tls-server-name",
+            "JOBTREE_NATS_TLS_SERVER_NAME",
+            "name the server certificate must carry (default: the URL's host)",
+        ),
     ):
         group.add_argument(flag, default=env.get(var) or None, help=f"{text} (${var})")

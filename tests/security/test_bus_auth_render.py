@@ -168,7 +168,7 @@ def test_the_command_prints_the_same_block_and_json() -> None:
     assert out.getvalue() == render_authorization(env_users())
     out = io.StringIO()
     with redirect_stdout(out):
-        main(["--format", "json", "--identity", "binder"])
+        main(["json", "--identity", "binder"])
     data = json.loads(out.getvalue())
     assert list(data) == ["binder"]
     assert data["binder"]["publish"] == list(permissions("binder").publish)
