@@ -1,5 +1,7 @@
-"""The other ways a service proves who it is, against a real nats-server: an nkey seed file, and
-TLS with the server checked against a CA and the client's own certificate (mutual TLS).
+"""The other ways a service proves who it is, against a real nats-server: an nkey seed file, TLS
+with the server checked against a CA and the client's own certificate (mutual TLS), and a
+``.creds`` file on a server in operator (JWT) mode whose user JWTs carry the generated
+permissions.
 
 A runtime with the right credential starts and serves; one without is refused at connect.
 """
@@ -7,6 +9,7 @@ A runtime with the right credential starts and serves; one without is refused at
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -14,6 +17,7 @@ import ssl
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -25,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shared.bus import ACTIVATE, ActivateReply, ActivateRequest, ServiceRuntime
-from shared.bus.auth import User, hash_password, render_authorization
+from shared.bus.auth import User, hash_password, permissions, render_authorization
 from shared.bus.config import BusCredentials
 from shared.localenv.natsserver import nats_server_binary, server_config
 from shared.localenv.processes import free_port, spawn, stop, wait_until
@@ -219,5 +223,102 @@ async def test_mutual_tls_with_a_password(tmp_path: Path) -> None:
             await nats.connect(
                 server.url, user="resolver", password="resolver-secret", allow_reconnect=False
             )
+    finally:
+        stop(server.proc)
+
+
+# --------------------------------------------------------------------------- .creds (JWT)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _keypair(prefix: int) -> tuple[bytes, Any]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(bytearray(seed))
+
+
+def _jwt(signer: Any, subject: str, name: str, claims: dict[str, Any]) -> str:
+    """A NATS JWT (v2): ``header.claims`` signed with the issuer's nkey."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = {
+        "jti": base64.b32encode(os.urandom(32)).decode().rstrip("="),
+        "iat": int(datetime.now(UTC).timestamp()),
+        "iss": signer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": claims,
+    }
+    payload = _b64(json.dumps(body).encode())
+    signature = signer.sign(f"{header}.{payload}".encode())
+    return f"{header}.{payload}.{_b64(signature)}"
+
+
+UNLIMITED = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1}
+UNLIMITED |= {"wildcards": True, "conn": -1, "leaf": -1}
+
+
+def _user_creds(account: Any, identity: str, path: Path) -> Path:
+    """A ``.creds`` file whose user JWT carries ``permissions(identity)`` (the documented way to
+    run Jobtree on JWT accounts: the permissions of ``jobtree-nats-auth json``)."""
+    seed, user = _keypair(nkeys.PREFIX_BYTE_USER)
+    grants = permissions(identity)
+    claims: dict[str, Any] = {
+        "pub": {"allow": list(grants.publish)},
+        "sub": {"allow": list(grants.subscribe)},
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "type": "user",
+        "version": 2,
+    }
+    if grants.allow_responses:
+        claims["resp"] = {"max": 1, "ttl": 0}
+    token = _jwt(account, user.public_key.decode(), identity, claims)
+    path.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+async def test_a_creds_file_carrying_the_generated_permissions(tmp_path: Path) -> None:
+    _, operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, stranger = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)  # an account the server does not trust
+    op_pub = operator.public_key.decode()
+    acc_pub, sys_pub = account.public_key.decode(), system.public_key.decode()
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    acc_jwt = _jwt(
+        operator,
+        acc_pub,
+        "jobtree",
+        {"limits": UNLIMITED | jetstream, "type": "account", "version": 2},
+    )
+    sys_jwt = _jwt(operator, sys_pub, "SYS", {"limits": UNLIMITED, "type": "account", "version": 2})
+    op_jwt = _jwt(operator, op_pub, "jobtree-test", {"type": "operator", "version": 2})
+    trust = (
+        f"operator: {op_jwt}\nsystem_account: {sys_pub}\nresolver: MEMORY\n"
+        f"resolver_preload: {{ {acc_pub}: {acc_jwt}, {sys_pub}: {sys_jwt} }}\n"
+    )
+    server = Server(tmp_path, "", trust)
+    try:
+        resolver_creds = _user_creds(account, "resolver", tmp_path / "resolver.creds")
+        forecast_creds = _user_creds(account, "forecast", tmp_path / "forecast.creds")
+        await _serves(
+            ServiceRuntime(
+                "resolver",
+                nats_url=server.url,
+                credentials=BusCredentials(creds_file=str(resolver_creds)),
+            ),
+            BusCredentials(creds_file=str(forecast_creds)),
+            server.url,
+        )
+        forged = _user_creds(stranger, "binder", tmp_path / "forged.creds")
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(server.url, user_credentials=str(forged), allow_reconnect=False)
     finally:
         stop(server.proc)
