@@ -83,7 +83,7 @@ def _stream_grants(identity: str, stream: StreamSpec) -> list[str]:
     return grants
 
 
-def _durable_grants(identity: str, subject: Subject[object, object]) -> list[str]:
+def _durable_grants(identity: str, subject: Subject[Any, Any]) -> list[str]:
     """The JetStream API of the durable consumer ``identity`` keeps on ``subject``."""
     stream = stream_of(subject).name
     name = consumer_name(identity, subject)
@@ -113,8 +113,6 @@ def _service_permissions(identity: str) -> Permissions:
     for stream in STREAMS:
         if identity in stream.users:
             publish.extend(_stream_grants(identity, stream))
-    if identity in DEADLETTER.producers and identity not in DEADLETTER_STREAM.users:
-        raise ValueError(f"{identity} dead-letters into a stream it may not create")
     if identity in JOURNAL_STREAM.users:
         publish.extend(JOURNAL_STREAM.subjects)
         publish.extend(_stream_grants(identity, JOURNAL_STREAM))
