@@ -54,6 +54,8 @@ class Journal:
             name=STREAM,
             description="Commits the binder is applying; purged once applied (see journal.py).",
             subjects=list(JOURNAL_STREAM.subjects),
+            max_age=JOURNAL_STREAM.max_age_seconds,  # 0: kept until applied and purged
+            max_bytes=JOURNAL_STREAM.max_bytes,
             retention=js_api.RetentionPolicy.LIMITS,
             storage=js_api.StorageType.FILE,
             max_msgs_per_subject=1,
