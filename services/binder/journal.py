@@ -29,11 +29,12 @@ import nats.js.errors
 from nats.js import api as js_api
 
 from shared.bus.messages import CommitRequest, decode, encode
+from shared.bus.subjects import JOURNAL_PREFIX, JOURNAL_STREAM
 
 log = logging.getLogger(__name__)
 
-STREAM = "JOBTREE_BINDER_JOURNAL"
-SUBJECT_PREFIX = "jobtree.v1.binder.journal"
+STREAM = JOURNAL_STREAM.name
+SUBJECT_PREFIX = JOURNAL_PREFIX
 
 
 def entry_subject(commit_key: str) -> str:
@@ -52,7 +53,9 @@ class Journal:
         cfg = js_api.StreamConfig(
             name=STREAM,
             description="Commits the binder is applying; purged once applied (see journal.py).",
-            subjects=[f"{SUBJECT_PREFIX}.*"],
+            subjects=list(JOURNAL_STREAM.subjects),
+            max_age=JOURNAL_STREAM.max_age_seconds,  # 0: kept until applied and purged
+            max_bytes=JOURNAL_STREAM.max_bytes,
             retention=js_api.RetentionPolicy.LIMITS,
             storage=js_api.StorageType.FILE,
             max_msgs_per_subject=1,

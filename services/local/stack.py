@@ -204,9 +204,10 @@ class LocalStack:
         )
         self.bin_dir = self.bin_dir or ensure_binaries()
 
-        say("starting nats-server with JetStream")
+        say("starting nats-server with JetStream and one NATS user per service")
         self.nats = NatsServer(workdir=self.workdir / "nats")
         shutil.rmtree(self.nats.workdir / "jetstream", ignore_errors=True)
+        shutil.rmtree(self.nats.workdir / "credentials", ignore_errors=True)  # fresh passwords
         self.nats.start()
         link = self.logs / "nats-server.log"
         with contextlib.suppress(OSError):
@@ -245,6 +246,7 @@ class LocalStack:
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint} if self.otlp_endpoint else None,
+            bus_env=self.nats.service_env,
         )
         say(f"starting the services: {', '.join(self._services.names)}")
         self._services.start()
@@ -407,6 +409,7 @@ class LocalStack:
         state = self.state(ready=True)
         logs = self.logs
         names = [f"{prefix}-01..{self.nodes_per_domain:02d}" for prefix, _ in SEED_FLEET]
+        secrets = self.workdir / "nats" / "credentials"
         domains = [labels["fabric.domain"] for _, labels in SEED_FLEET]
         lines = [
             "",
@@ -436,6 +439,10 @@ class LocalStack:
             + ", ".join(f"{n}.log" for n in SERVICES)
             + "; kube-apiserver.log, etcd.log, kwok.log, nats-server.log beside them.",
             "Probes: " + ", ".join(f"{n} {self.services.url(n)}/metrics" for n in SERVICES),
+            f"NATS: one user per service, no anonymous access (passwords in {secrets}/; "
+            f"permissions: jobtree-nats-auth). Read-only nats CLI: nats -s {self.nats_url} "
+            f'--user operator --password "$(cat {secrets}/operator.password)" '
+            "--inbox-prefix _INBOX.operator stream ls",
             "Stop with Ctrl-C (or `jobtree-local down`): everything started here is shut down.",
         ]
         return "\n".join(lines)

@@ -43,7 +43,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, ServiceError
 from opentelemetry.trace import TracerProvider
 
 from shared.bus import tracing
-from shared.bus.config import ServiceConfig
+from shared.bus.config import BusCredentials, ServiceConfig
 from shared.bus.health import HealthServer
 from shared.bus.messages import DeadLetter, decode, encode
 from shared.bus.metrics import (
@@ -61,6 +61,7 @@ from shared.bus.subjects import (
     Subject,
     consumer_name,
     deadletter_subject,
+    inbox_prefix,
     stream_of,
 )
 
@@ -146,6 +147,7 @@ class ServiceRuntime:
         http_host: str = "127.0.0.1",
         http_port: int = 0,
         tracer_provider: TracerProvider | None = None,
+        credentials: BusCredentials | None = None,
     ) -> None:
         if not _NAME.fullmatch(name):
             raise ValueError(f"service name {name!r} must match {_NAME.pattern}")
@@ -153,6 +155,7 @@ class ServiceRuntime:
         self.service_name = f"jobtree-{name}"
         self.version = version
         self._nats_url = nats_url
+        self._credentials = credentials or BusCredentials()
         self.http = HealthServer(self._readiness, host=http_host, port=http_port)
         self._nc: Any = None
         self._js: Any = None
@@ -181,6 +184,7 @@ class ServiceRuntime:
             version=version,
             http_host=cfg.http_host,
             http_port=cfg.http_port,
+            credentials=cfg.credentials,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -214,6 +218,8 @@ class ServiceRuntime:
         self._nc = await nats.connect(
             servers=[u.strip() for u in self._nats_url.split(",") if u.strip()],
             name=self.service_name,
+            inbox_prefix=inbox_prefix(self.name),
+            **self._credentials.connect_options(),
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=self._on_error,
@@ -327,7 +333,9 @@ class ServiceRuntime:
         log.info("NATS connection closed")
 
     async def _ensure_stream(self, spec: StreamSpec) -> None:
-        """Create the stream, or update an existing one to this config (idempotent per replica)."""
+        """Create the stream (idempotent per replica); an existing one with another config is
+        updated by the stream's owner only — other identities may not change it (see
+        ``shared.bus.auth``) and use it as the owner configured it."""
         cfg = js_api.StreamConfig(
             name=spec.name,
             description=spec.doc,
@@ -341,6 +349,9 @@ class ServiceRuntime:
         try:
             await self._js.add_stream(cfg)
         except nats.js.errors.BadRequestError:  # exists with another config
+            if self.name != spec.owner:
+                log.info("stream exists with another config", extra={"stream": spec.name})
+                return
             await self._js.update_stream(cfg)
 
     # ------------------------------------------------------------------ registration

@@ -36,6 +36,20 @@ Rep = TypeVar("Rep")
 PREFIX = "jobtree.v1"
 DEADLETTER_PREFIX = f"{PREFIX}.deadletter"
 
+SERVICES: tuple[str, ...] = ("admission", "packer", "forecast", "resolver", "binder")
+"""Every Jobtree service, in start order (the binder, the only writer, starts last). Each one is
+also a bus identity: its own NATS user with exactly the permissions ``shared.bus.auth`` derives
+from this catalog."""
+OPERATOR = "operator"
+"""The read-only identity of a human with the ``nats`` CLI: dead letters, streams, ``$SRV``."""
+IDENTITIES: tuple[str, ...] = (*SERVICES, OPERATOR)
+
+
+def inbox_prefix(identity: str) -> str:
+    """The reply-inbox prefix of one identity (``_INBOX.binder``): replies to its requests, its
+    JetStream acks and fetches arrive under it, and nobody else may subscribe there."""
+    return f"_INBOX.{identity}"
+
 
 @dataclass(frozen=True)
 class Subject(Generic[Req, Rep]):
@@ -132,7 +146,7 @@ RUN_CHANGED: Subject[RunChanged, None] = Subject(
     f"{PREFIX}.events.run.changed",
     RunChanged,
     None,
-    producers=("any",),
+    producers=("resolver", "binder"),
     consumers=("admission",),
     doc="Nudge admission to re-evaluate a Run now; losing one only delays until the resync.",
 )
@@ -142,9 +156,10 @@ DEADLETTER: Subject[DeadLetter, None] = Subject(
     DeadLetter,
     None,
     durable=True,
-    producers=("every service",),
-    consumers=("operators",),
-    doc="Payloads a service could not decode (or kept failing on), kept verbatim.",
+    producers=SERVICES,
+    consumers=(OPERATOR,),
+    doc="Payloads a service could not decode (or kept failing on), kept verbatim; each service "
+    "dead-letters only the subjects it consumes.",
 )
 
 CATALOG: tuple[Subject[Any, Any], ...] = (
@@ -172,7 +187,7 @@ def deadletter_of(original: Subject[Any, Any]) -> Subject[DeadLetter, None]:
         None,
         durable=True,
         producers=original.consumers,
-        consumers=("operators",),
+        consumers=(OPERATOR,),
         doc=f"Rejects of {original.name}.",
     )
 
@@ -182,12 +197,16 @@ def deadletter_of(original: Subject[Any, Any]) -> Subject[DeadLetter, None]:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A JetStream stream the runtime creates (idempotently) at start."""
+    """A JetStream stream: created (idempotently) at start by each service that uses it; only its
+    ``owner`` may change the configuration of an existing stream, and nobody may delete it."""
 
     name: str
     subjects: tuple[str, ...]
     max_age_seconds: float
     max_bytes: int
+    users: tuple[str, ...]
+    """The identities that create it at start (a create never changes an existing stream)."""
+    owner: str = "binder"
     doc: str = ""
 
 
@@ -196,6 +215,7 @@ EVENTS_STREAM = StreamSpec(
     tuple(s.name for s in CATALOG if s.durable and s is not DEADLETTER),
     max_age_seconds=7 * 24 * 3600.0,
     max_bytes=1 << 30,
+    users=SERVICES,
     doc="Events that must survive a consumer restart (ledger, node failures).",
 )
 
@@ -204,10 +224,23 @@ DEADLETTER_STREAM = StreamSpec(
     (DEADLETTER.name,),
     max_age_seconds=7 * 24 * 3600.0,
     max_bytes=256 << 20,
+    users=SERVICES,
     doc="Rejected payloads, kept a week for `nats stream view`.",
 )
 
 STREAMS: tuple[StreamSpec, ...] = (EVENTS_STREAM, DEADLETTER_STREAM)
+"""The streams every service runtime ensures at start."""
+
+JOURNAL_PREFIX = f"{PREFIX}.binder.journal"
+JOURNAL_STREAM = StreamSpec(
+    "JOBTREE_BINDER_JOURNAL",
+    (f"{JOURNAL_PREFIX}.*",),
+    max_age_seconds=0.0,
+    max_bytes=-1,
+    users=("binder",),
+    doc="The binder's write-ahead journal of commits being applied (services/binder/journal.py): "
+    "only the binder may write, read or purge it.",
+)
 
 
 def stream_of(subject: Subject[Any, Any]) -> StreamSpec:

@@ -1,9 +1,10 @@
 """The five Jobtree services as real child processes, for the local mode and end-to-end tests.
 
 Each service runs as ``python -m services.<name>`` in its own process group with its own
-``--http-port`` (a free loopback port), the NATS URL and the kubeconfig, and writes JSON log
-lines to ``<workdir>/logs/<name>.log``. :class:`ServiceSet` starts them, waits for every
-``/readyz``, scrapes ``/metrics``, restarts or kills one (fault tests) and stops them all.
+``--http-port`` (a free loopback port), the NATS URL, its own NATS identity (``bus_env``: the
+user and password file of that service) and the kubeconfig, and writes JSON log lines to
+``<workdir>/logs/<name>.log``. :class:`ServiceSet` starts them, waits for every ``/readyz``,
+scrapes ``/metrics``, restarts or kills one (fault tests) and stops them all.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.bus.subjects import SERVICES
 from shared.localenv.processes import free_port, tail
 
-SERVICES: tuple[str, ...] = ("admission", "packer", "forecast", "resolver", "binder")
-"""Every Jobtree service, in start order (the binder, the only writer, starts last)."""
+__all__ = ["SERVICES", "ServiceProcess", "ServiceSet"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,7 @@ class ServiceSet:
         names: Iterable[str] = SERVICES,
         log_level: str = "INFO",
         env: Mapping[str, str] | None = None,
+        bus_env: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.nats_url = nats_url
@@ -80,6 +82,8 @@ class ServiceSet:
             raise ValueError(f"unknown services {sorted(unknown)}; known: {', '.join(SERVICES)}")
         self.log_level = log_level
         self.extra_env = dict(env or {})
+        self.bus_env = bus_env
+        """The environment holding one service's NATS credentials (``NatsServer.service_env``)."""
         self._procs: dict[str, ServiceProcess] = {}
 
     @property
@@ -120,7 +124,7 @@ class ServiceSet:
             "--log-format=json",
         ]
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -132,6 +136,8 @@ class ServiceSet:
         # Run from the checkout even when the package is not installed in this interpreter.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         env.update(self.extra_env)
+        if self.bus_env is not None:
+            env.update(self.bus_env(name))
         return env
 
     def _spawn(self, name: str, port: int | None = None) -> ServiceProcess:
@@ -145,7 +151,7 @@ class ServiceSet:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=REPO,
-                env=self._env(),
+                env=self._env(name),
                 start_new_session=True,
             )
         self._procs[name] = ServiceProcess(name=name, port=port, log=log, proc=proc)

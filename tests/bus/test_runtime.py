@@ -41,6 +41,7 @@ from shared.bus.subjects import (
     deadletter_of,
 )
 from shared.localenv.natsserver import NatsServer
+from tests.conftest import TESTER
 
 pytestmark = [pytest.mark.nats, pytest.mark.asyncio(loop_scope="session")]
 
@@ -101,7 +102,9 @@ async def runtime(nats_server: NatsServer) -> AsyncIterator[Factory]:
     async def make(
         name: str, setup: Callable[[ServiceRuntime], None] | None = None, *, ready: bool = True
     ) -> ServiceRuntime:
-        rt = ServiceRuntime(name, nats_url=nats_server.url)
+        rt = ServiceRuntime(
+            name, nats_url=nats_server.url, credentials=nats_server.credentials(TESTER)
+        )
         made.append(rt)
         if setup is not None:
             setup(rt)
@@ -521,7 +524,8 @@ async def test_health_ready_and_metrics(runtime: Factory) -> None:
 async def test_readyz_needs_nats(nats_server: NatsServer, tmp_path: Path) -> None:
     """A runtime pointed at a dead NATS keeps retrying; /readyz says why it is not ready."""
     lonely = NatsServer(workdir=tmp_path / "nats")
-    rt = ServiceRuntime(f"orphan{uid()}", nats_url=lonely.url)
+    # a service's own identity: its permissions suffice to connect and register
+    rt = ServiceRuntime("packer", nats_url=lonely.url, credentials=lonely.credentials("packer"))
     rt.set_ready(True)
     starting = asyncio.create_task(rt.start())
     try:
@@ -541,11 +545,15 @@ async def test_readyz_needs_nats(nats_server: NatsServer, tmp_path: Path) -> Non
 
 SCRIPT = """
 import asyncio, sys
+from shared.bus.config import BusCredentials
 from shared.bus.runtime import ServiceRuntime
 
 async def main() -> None:
     # two runtimes in one process, like the combined controller-manager: one SIGTERM stops both
-    runtimes = [ServiceRuntime(name, nats_url=sys.argv[1]) for name in ("sig-a", "sig-b")]
+    creds = BusCredentials(user=sys.argv[2], password_file=sys.argv[3])
+    runtimes = [
+        ServiceRuntime(name, nats_url=sys.argv[1], credentials=creds) for name in ("sig-a", "sig-b")
+    ]
     for rt in runtimes:
         await rt.start()
         rt.set_ready(True)
@@ -563,6 +571,8 @@ async def test_sigterm_stops_the_process_cleanly(nats_server: NatsServer) -> Non
         "-c",
         SCRIPT,
         nats_server.url,
+        TESTER,
+        str(nats_server.password_file(TESTER)),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -593,14 +603,16 @@ async def test_run_until_stopped_returns_after_stop(runtime: Factory) -> None:
 async def test_dead_letter_payloads_decode_from_raw_subscription(nats_server: NatsServer) -> None:
     """The dead-letter wire format is plain JSON a raw client (e.g. `nats sub`) can read."""
     subject = echo_subject()
-    rt = ServiceRuntime(f"raw{uid()}", nats_url=nats_server.url)
+    rt = ServiceRuntime(
+        f"raw{uid()}", nats_url=nats_server.url, credentials=nats_server.credentials(TESTER)
+    )
 
     async def handle(ref: RunRef) -> CommitReply:
         return CommitReply(ok=True)
 
     rt.endpoint(subject, handle)
     await rt.start()
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_server.connect_options(TESTER))
     try:
         sub = await nc.subscribe(deadletter_of(subject).name)
         await nc.flush()

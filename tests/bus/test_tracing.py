@@ -30,6 +30,7 @@ from shared.bus.messages import CommitReply, LedgerEvent, RunChanged, RunRef
 from shared.bus.runtime import BusError, ServiceRuntime
 from shared.bus.subjects import LEDGER, Subject
 from shared.localenv.natsserver import NatsServer
+from tests.conftest import TESTER
 
 pytestmark = [pytest.mark.nats, pytest.mark.asyncio(loop_scope="session")]
 
@@ -92,7 +93,12 @@ async def runtime(nats_server: NatsServer) -> AsyncIterator[Factory]:
         tracer_provider: TracerProvider | None,
         setup: Callable[[ServiceRuntime], None] | None = None,
     ) -> ServiceRuntime:
-        rt = ServiceRuntime(name, nats_url=nats_server.url, tracer_provider=tracer_provider)
+        rt = ServiceRuntime(
+            name,
+            nats_url=nats_server.url,
+            tracer_provider=tracer_provider,
+            credentials=nats_server.credentials(TESTER),
+        )
         made.append(rt)
         if setup is not None:
             setup(rt)
@@ -108,7 +114,7 @@ async def runtime(nats_server: NatsServer) -> AsyncIterator[Factory]:
 @pytest.fixture
 async def tap(nats_server: NatsServer) -> AsyncIterator[Callable[[str], Awaitable[list[Any]]]]:
     """A plain NATS client that records the messages (with headers) sent on a subject."""
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_server.connect_options(TESTER))
 
     async def watch(subject: str) -> list[Any]:
         seen: list[Any] = []

@@ -102,7 +102,8 @@ def test_combined_mode_is_the_default(deploy_bin: Path) -> None:
     assert len(ports) == len(set(ports)), "containers of one pod must not share a port"
     for c in containers(manager):
         env = env_of(c)
-        assert env["JOBTREE_NATS_URL"] == f"nats://jobtree-nats.{NAMESPACE}.svc:4222"
+        assert env["JOBTREE_NATS_URL"] == f"tls://jobtree-nats.{NAMESPACE}.svc:4222"
+        assert env["JOBTREE_NATS_USER"] == c["name"]  # its own NATS identity
         assert env["JOBTREE_HTTP_HOST"] == "0.0.0.0"
         assert c["image"] == "ghcr.io/davidlangworthy/jobtree:0.1.0"  # appVersion
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -297,7 +298,7 @@ def test_external_nats_with_credentials_and_tls(deploy_bin: Path) -> None:
     for c in containers(manager):
         env = env_of(c)
         assert env["JOBTREE_NATS_URL"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
-        assert env["SSL_CERT_FILE"] == "/etc/jobtree/nats-ca/ca.crt"
+        assert env["JOBTREE_NATS_TLS_CA_FILE"] == "/etc/jobtree/nats-ca/ca.crt"
         assert {"name": "nats-ca", "mountPath": "/etc/jobtree/nats-ca", "readOnly": True} in c[
             "volumeMounts"
         ]
@@ -550,12 +551,24 @@ def test_admin_guide_install_into_the_real_api_server(deploy_bin: Path, crds: Co
         ]
         assert not wrong, "\n".join(wrong)
 
-        # an upgrade keeps the webhook certificate (looked up, not regenerated)
+        # the bus: one password Secret per NATS identity, the NATS server certificate
+        nats_secrets = [
+            *(f"jobtree-nats-{i}" for i in (*SERVICES, "operator")),
+            "jobtree-nats-tls",
+        ]
+        before = {n: get_json(crds, f"secret/{n}", "-n", NAMESPACE)["data"] for n in nats_secrets}
+        assert all(before[f"jobtree-nats-{s}"]["password"] for s in SERVICES)
+
+        # an upgrade keeps the webhook certificate, the NATS passwords and the NATS certificate
+        # (looked up, not regenerated)
         upgrade = [helm, "upgrade", *install[2:]]
         upgrade.remove("--create-namespace")
         run(upgrade, env=env, timeout=180)
         again = get_json(crds, "secret/jobtree-webhook-tls", "-n", NAMESPACE)
         assert again["data"] == secret["data"]
+        for name in nats_secrets:
+            kept = get_json(crds, f"secret/{name}", "-n", NAMESPACE)["data"]
+            assert kept == before[name], f"{name} changed on upgrade"
     finally:
         try:
             run([helm, "uninstall", RELEASE, "--namespace", NAMESPACE, "--wait"], env=env)

@@ -234,12 +234,32 @@ def manager_env(ctx: Context) -> dict[str, dict[str, Any]]:
     }
 
 
+EXTERNAL_NATS = "tls://nats.messaging.svc:4222"
+
+
+def authorization_written(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
+    text = (ctx.checkout / "jobtree-nats-authorization.conf").read_text()
+    assert text.startswith("authorization {") and "$JOBTREE_NATS_PASSWORD_BINDER" in text
+
+
 def external_nats(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
     assert 'Release "jobtree" has been upgraded' in done.stdout
-    for env in manager_env(ctx).values():
-        assert env["JOBTREE_NATS_URL"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
-        assert env["SSL_CERT_FILE"] == "/etc/jobtree/nats-ca/ca.crt"
+    for name, env in manager_env(ctx).items():
+        assert env["JOBTREE_NATS_URL"] == EXTERNAL_NATS
+        assert env["JOBTREE_NATS_TLS_CA_FILE"] == "/etc/jobtree/nats-ca/ca.crt"
+        assert env["JOBTREE_NATS_USER"] == name
     assert not ctx.kube.kubectl("get", "sts", "-n", "jobtree-system", "-o", "name").stdout
+
+
+def bcrypt_printed(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
+    assert done.stdout.startswith("$2a$"), done.stdout
+
+
+def nats_secrets_applied(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
+    for identity in (*SERVICES, "operator"):
+        assert f"secret/jobtree-nats-{identity} created" in done.stdout, done.stdout
+    assert "secret/jobtree-nats-tls created" in done.stdout
+    assert "configmap/jobtree-nats-ca created" in done.stdout
 
 
 def tracing_on(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
@@ -248,7 +268,7 @@ def tracing_on(ctx: Context, done: subprocess.CompletedProcess[str]) -> None:
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
         # the earlier --set values were kept (--reuse-values)
-        assert env["JOBTREE_NATS_URL"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
+        assert env["JOBTREE_NATS_URL"] == EXTERNAL_NATS
     assert f"exports its spans over OTLP/HTTP to {TRACING}" in done.stdout  # NOTES
 
 
@@ -356,15 +376,15 @@ WALKTHROUGH: list[Run | Do] = [
         "monitoring.coreos.com/v1", rendered_monitoring),
     Run("helm lint --strict deploy/helm/gpu-fleet", has("1 chart(s) linted, 0 chart(s) failed")),
     # 3.1 external NATS
-    Run("kubectl -n jobtree-system create secret generic nats-url "
-        "--from-literal=url='tls://jobtree:s3cret@nats.messaging.svc:4222'",
-        has("secret/nats-url created")),
+    Run("python3 -m shared.bus.auth > jobtree-nats-authorization.conf", authorization_written),
     Run("kubectl -n jobtree-system create secret generic nats-ca --from-file=ca.crt=./nats-ca.pem",
         has("secret/nats-ca created")),
     Run("helm upgrade --install jobtree deploy/helm/gpu-fleet -n jobtree-system "
-        "--set nats.bundled=false --set nats.credentialsSecret.name=nats-url "
+        f"--set nats.bundled=false --set nats.url={EXTERNAL_NATS} "
         "--set nats.tls.caSecret=nats-ca --set image.tag=$(git rev-parse --short HEAD)",
         external_nats),
+    Run("kubectl -n jobtree-system get secret jobtree-nats-binder -o jsonpath='{.data.bcrypt}' "
+        "| base64 -d", bcrypt_printed),
     # 3.2 RBAC (the answers are the page's `# yes` / `# no`)
     Run("kubectl auth can-i create pods "
         "--as=system:serviceaccount:jobtree-system:jobtree-binder -n team-a"),
@@ -411,6 +431,9 @@ WALKTHROUGH: list[Run | Do] = [
     Run("helm uninstall jobtree -n jobtree-system", uninstalled),
     # 4. Install with Kustomize (after the Helm release is gone: they are alternatives; prod
     # first, as server-side apply would conflict with the fields dev's client-side apply set)
+    Run("kubectl apply -f deploy/kustomize/base/namespace.yaml"),
+    Run("python3 -m shared.bus.auth secrets --tls --namespace jobtree-system | kubectl apply -f -",
+        nats_secrets_applied),
     Run("kubectl kustomize deploy/kustomize/dev", has("kind: Deployment", "jobtree-tracing-")),
     Run("kubectl apply --dry-run=server -k deploy/kustomize/dev",
         has("deployment.apps/jobtree-binder created (server dry run)")),

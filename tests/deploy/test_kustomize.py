@@ -79,7 +79,7 @@ def test_base_is_the_split_install(kube: ControlPlane) -> None:
         (container,) = spec["containers"]
         assert container["command"][0] in scripts
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["JOBTREE_NATS_URL"] == "nats://jobtree-nats:4222"
+        assert env["JOBTREE_NATS_URL"] == "tls://jobtree-nats:4222"
         assert container["envFrom"] == [{"configMapRef": {"name": engine["metadata"]["name"]}}]
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from shared.bus.runtime import ServiceRuntime
 from shared.localenv.natsserver import NatsServer
+from tests.conftest import TESTER
 from tests.deploy.conftest import DASHBOARD, REPO, RULES, run
 
 METRIC = re.compile(r"\bjobtree_[a-z0-9_]+")
@@ -386,7 +387,9 @@ async def test_runtime_metrics_pass_promtool(
     # every service's metric module registers its families in this process, as in a service
     for name in ("admission", "packer", "forecast", "resolver", "binder"):
         importlib.import_module(f"services.{name}.metrics")
-    runtime = ServiceRuntime("deploycheck", nats_url=nats_server.url)
+    runtime = ServiceRuntime(
+        "deploycheck", nats_url=nats_server.url, credentials=nats_server.credentials(TESTER)
+    )
     await runtime.start()
     try:
         text = await _scrape(runtime.http_port)

@@ -427,7 +427,9 @@ async def test_binder_rejects_a_stale_plan(healthy: LocalStack) -> None:
     )
     api = await make_client(str(stack.kubeconfig))
     cache = ClusterCache(api)
-    runtime = ServiceRuntime("e2e-faults", nats_url=stack.nats_url)
+    runtime = ServiceRuntime(
+        "admission", nats_url=stack.nats_url, credentials=stack.nats.credentials("admission")
+    )
     # Admission is frozen so that only this client proposes, in the order the test chooses.
     stack.services.kill("admission", signal.SIGSTOP)
     try:

@@ -41,6 +41,7 @@ from shared.localenv.controlplane import ControlPlane
 from shared.localenv.fleet import fleet_manifest
 from shared.localenv.natsserver import NatsServer
 from shared.localenv.processes import free_port
+from tests.conftest import TESTER
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP = "rq.davidlangworthy.io"
@@ -422,7 +423,7 @@ async def collected(
 @asynccontextmanager
 async def bus_client(nats: NatsServer, name: str) -> AsyncIterator[ServiceRuntime]:
     """A started runtime that sends and observes bus traffic as a peer service would."""
-    runtime = ServiceRuntime(name, nats_url=nats.url)
+    runtime = ServiceRuntime(name, nats_url=nats.url, credentials=nats.credentials(TESTER))
     async with started(runtime, timeout=None):
         yield runtime
 
@@ -436,9 +437,15 @@ def binder_and_resolver(
     gangs whose pods are gone.
     """
     options = BinderOptions(settings=Settings(missing_pod_grace=timedelta(days=365)))
-    binder = Binder(ServiceRuntime("binder", nats_url=nats.url), api, options)
+    binder = Binder(
+        ServiceRuntime("binder", nats_url=nats.url, credentials=nats.credentials("binder")),
+        api,
+        options,
+    )
     resolver = Resolver(
-        ServiceRuntime("resolver", nats_url=nats.url), api, ResolverOptions(namespace=namespace)
+        ServiceRuntime("resolver", nats_url=nats.url, credentials=nats.credentials("resolver")),
+        api,
+        ResolverOptions(namespace=namespace),
     )
     return binder, resolver
 
@@ -485,7 +492,7 @@ def spawn_service(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})),
+            env=dict(os.environ, PYTHONPATH=str(REPO), **nats.service_env(service), **(env or {})),
         )
     return proc, port
 

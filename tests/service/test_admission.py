@@ -201,6 +201,7 @@ async def admission(
         service=ServiceConfig(
             name="admission",
             nats_url=nats_server.url,
+            credentials=nats_server.credentials("admission"),
             kubeconfig=str(crds.kubeconfig),
             http_host="127.0.0.1",
             http_port=0,
@@ -583,12 +584,25 @@ async def pipeline(
 
     nodes = await asyncio.to_thread(h.add_nodes, crds, "adm-flow", 3, **FLOW_LABELS)
     async with h.kube_api(crds) as api:
-        packer = Packer(ServiceRuntime("packer", nats_url=nats_server.url), api)
+        packer = Packer(
+            ServiceRuntime(
+                "packer", nats_url=nats_server.url, credentials=nats_server.credentials("packer")
+            ),
+            api,
+        )
         binder = Binder(
-            ServiceRuntime("binder", nats_url=nats_server.url), api, BinderOptions(tick_seconds=0.2)
+            ServiceRuntime(
+                "binder", nats_url=nats_server.url, credentials=nats_server.credentials("binder")
+            ),
+            api,
+            BinderOptions(tick_seconds=0.2),
         )
         forecaster = Forecaster(
-            ServiceRuntime("forecast", nats_url=nats_server.url),
+            ServiceRuntime(
+                "forecast",
+                nats_url=nats_server.url,
+                credentials=nats_server.credentials("forecast"),
+            ),
             api,
             ForecastOptions(tick_seconds=0.5),
         )

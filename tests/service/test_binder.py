@@ -103,7 +103,9 @@ def fleet(crds: ControlPlane, namespace: str) -> list[str]:
 async def binder(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Binder]:
-    runtime = ServiceRuntime("binder", nats_url=nats_server.url)
+    runtime = ServiceRuntime(
+        "binder", nats_url=nats_server.url, credentials=nats_server.credentials("binder")
+    )
     options = BinderOptions(
         tick_seconds=0.2, settings=Settings(missing_pod_grace=timedelta(seconds=5))
     )

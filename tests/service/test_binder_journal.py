@@ -51,7 +51,7 @@ def fleet(crds: ControlPlane, namespace: str) -> list[str]:
 
 @pytest_asyncio.fixture(scope="module")
 async def journal(nats_server: NatsServer) -> AsyncIterator[Journal]:
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_server.connect_options("binder"))
     journal = Journal(nc)
     await journal.open()
     try:
@@ -66,7 +66,13 @@ async def binder_serving(
 ) -> AsyncIterator[None]:
     """A fresh in-process binder, h.started (serving only once its journal is replayed)."""
     async with h.kube_api(crds) as api:
-        binder = Binder(ServiceRuntime("binder", nats_url=nats_server.url), api, options)
+        binder = Binder(
+            ServiceRuntime(
+                "binder", nats_url=nats_server.url, credentials=nats_server.credentials("binder")
+            ),
+            api,
+            options,
+        )
         async with h.started(binder, timeout=None):
             yield
 

@@ -110,7 +110,11 @@ async def forecaster(
     async with h.kube_api(crds) as api:
         binder, resolver = h.binder_and_resolver(api, nats_server, namespace)
         service = Forecaster(
-            ServiceRuntime("forecast", nats_url=nats_server.url),
+            ServiceRuntime(
+                "forecast",
+                nats_url=nats_server.url,
+                credentials=nats_server.credentials("forecast"),
+            ),
             api,
             ForecastOptions(tick_seconds=0.3, retry_seconds=10, namespace=namespace),
         )

@@ -54,7 +54,9 @@ def fleet(crds: ControlPlane) -> list[str]:
 async def packer(
     crds: ControlPlane, nats_server: NatsServer, fleet: list[str]
 ) -> AsyncIterator[Packer]:
-    runtime = ServiceRuntime("packer", nats_url=nats_server.url)
+    runtime = ServiceRuntime(
+        "packer", nats_url=nats_server.url, credentials=nats_server.credentials("packer")
+    )
     options = PackerOptions(assume_seconds=ASSUME)
     async with h.in_process(crds, lambda api: Packer(runtime, api, options)) as service:
 

@@ -68,6 +68,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-nats" (include "gpu-fleet.fullname" .) -}}
 {{- end -}}
 
+{{/* The NATS identities (shared/bus/subjects.py IDENTITIES): one user and Secret each. */}}
+{{- define "gpu-fleet.natsIdentities" -}}
+admission packer forecast resolver binder operator
+{{- end -}}
+
+{{/* Secret holding one identity's NATS password: (dict "root" $ "identity" "binder"). */}}
+{{- define "gpu-fleet.natsSecretName" -}}
+{{- printf "%s-nats-%s" (include "gpu-fleet.fullname" .root) .identity -}}
+{{- end -}}
+
+{{/* Whether the bundled NATS serves TLS. */}}
+{{- define "gpu-fleet.natsTLS" -}}
+{{- if and .Values.nats.bundled .Values.nats.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
 {{/* Does the cluster (or `helm template --api-versions`) serve the Prometheus Operator API? */}}
 {{- define "gpu-fleet.hasMonitoring" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
@@ -83,9 +98,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment for the NATS connection. */}}
+{{/* Environment for the NATS connection of one service: (dict "root" $ "service" "binder"). */}}
 {{- define "gpu-fleet.natsEnv" -}}
-{{- $nats := .Values.nats -}}
+{{- $root := .root -}}
+{{- $nats := $root.Values.nats -}}
+{{- $scheme := ternary "tls" "nats" (eq (include "gpu-fleet.natsTLS" $root) "true") -}}
 {{- if $nats.credentialsSecret.name }}
 - name: JOBTREE_NATS_URL
   valueFrom:
@@ -94,15 +111,24 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ $nats.credentialsSecret.key }}
 {{- else if $nats.bundled }}
 - name: JOBTREE_NATS_URL
-  value: {{ printf "nats://%s.%s.svc:4222" (include "gpu-fleet.natsName" .) .Release.Namespace | quote }}
+  value: {{ printf "%s://%s.%s.svc:4222" $scheme (include "gpu-fleet.natsName" $root) $root.Release.Namespace | quote }}
 {{- else if $nats.url }}
 - name: JOBTREE_NATS_URL
   value: {{ $nats.url | quote }}
 {{- else }}
 {{- fail "nats.bundled=false needs nats.url or nats.credentialsSecret.name" }}
 {{- end }}
-{{- if $nats.tls.caSecret }}
-- name: SSL_CERT_FILE
+{{- if $nats.auth.enabled }}
+- name: JOBTREE_NATS_USER
+  value: {{ .service | quote }}
+- name: JOBTREE_NATS_PASSWORD_FILE
+  value: /etc/jobtree/nats-auth/password
+{{- end }}
+{{- if eq (include "gpu-fleet.natsTLS" $root) "true" }}
+- name: JOBTREE_NATS_TLS_CA_FILE
+  value: /etc/jobtree/nats-ca/ca.crt
+{{- else if $nats.tls.caSecret }}
+- name: JOBTREE_NATS_TLS_CA_FILE
   value: /etc/jobtree/nats-ca/{{ $nats.tls.caKey }}
 {{- end }}
 {{- end -}}
@@ -193,7 +219,7 @@ One service container: (dict "root" $ "service" "binder").
     {{- end }}
   {{- end }}
   env:
-    {{- include "gpu-fleet.natsEnv" $root | trim | nindent 4 }}
+    {{- include "gpu-fleet.natsEnv" (dict "root" $root "service" $name) | trim | nindent 4 }}
     - name: JOBTREE_HTTP_HOST
       value: "0.0.0.0"
     - name: JOBTREE_HTTP_PORT
@@ -281,9 +307,14 @@ One service container: (dict "root" $ "service" "binder").
       mountPath: /etc/jobtree/webhook
       readOnly: true
     {{- end }}
-    {{- if $root.Values.nats.tls.caSecret }}
+    {{- if or (eq (include "gpu-fleet.natsTLS" $root) "true") $root.Values.nats.tls.caSecret }}
     - name: nats-ca
       mountPath: /etc/jobtree/nats-ca
+      readOnly: true
+    {{- end }}
+    {{- if $root.Values.nats.auth.enabled }}
+    - name: nats-auth-{{ $name }}
+      mountPath: /etc/jobtree/nats-auth
       readOnly: true
     {{- end }}
     {{- if and (eq $root.Values.mode "combined") $root.Values.controllerManager.tokenPerService }}
@@ -330,10 +361,30 @@ affinity:
   secret:
     secretName: {{ include "gpu-fleet.webhookSecretName" $root }}
 {{- end }}
-{{- if $root.Values.nats.tls.caSecret }}
+{{- if and (eq (include "gpu-fleet.natsTLS" $root) "true") $root.Values.nats.tls.secret }}
+- name: nats-ca
+  secret:
+    secretName: {{ $root.Values.nats.tls.secret }}
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- else if eq (include "gpu-fleet.natsTLS" $root) "true" }}
+- name: nats-ca
+  configMap:
+    name: {{ include "gpu-fleet.natsName" $root }}-ca
+{{- else if $root.Values.nats.tls.caSecret }}
 - name: nats-ca
   secret:
     secretName: {{ $root.Values.nats.tls.caSecret }}
+{{- end }}
+{{- if $root.Values.nats.auth.enabled }}
+{{- range .services }}
+- name: nats-auth-{{ . }}
+  secret:
+    secretName: {{ include "gpu-fleet.natsSecretName" (dict "root" $root "identity" .) }}
+    defaultMode: 0400
+    items:
+      - {key: password, path: password}
+{{- end }}
 {{- end }}
 {{- if and (eq $root.Values.mode "combined") $root.Values.controllerManager.tokenPerService }}
 {{- range .services }}
@@ -352,7 +403,8 @@ affinity:
 {{- define "gpu-fleet.natsConfig" -}}
 server_name: $POD_NAME
 port: 4222
-http_port: 8222
+# monitoring only inside the pod (the probes exec into it)
+http: 127.0.0.1:8222
 pid_file: /tmp/nats-server.pid
 max_payload: 4MB
 lame_duck_duration: 30s
@@ -361,4 +413,14 @@ jetstream {
   max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
   max_file_store: {{ .Values.nats.jetstream.maxFileStore }}
 }
+{{- if eq (include "gpu-fleet.natsTLS" .) "true" }}
+tls {
+  cert_file: /etc/nats/tls/tls.crt
+  key_file: /etc/nats/tls/tls.key
+  timeout: 5
+}
+{{- end }}
+# Users and permissions, generated by `jobtree-nats-auth` from the subject catalog (each
+# password is read from the environment: the bcrypt hash in the identity's Secret).
+{{ .Files.Get "files/nats-authorization.conf" }}
 {{- end -}}
