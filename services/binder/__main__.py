@@ -12,6 +12,7 @@ from datetime import timedelta
 from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
+from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube.translate import HOLD_IMAGE
 
@@ -65,6 +66,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         default=float(env_value("JOBTREE_LEADER_LEASE_SECONDS", "15")),
         help="election Lease duration ($JOBTREE_LEADER_LEASE_SECONDS)",
     )
+    parser.add_argument(
+        "--default-owner-globs",
+        default=env_value("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
+        help="owner globs of namespaces without the owners annotation, as admission's "
+        "($JOBTREE_DEFAULT_OWNER_GLOBS)",
+    )
+    parser.add_argument(
+        "--node-grace-seconds",
+        type=float,
+        default=float(env_value("JOBTREE_NODE_GRACE_SECONDS", "30")),
+        help="a NodeFailure commit acts only on a node deleted or NotReady this long, as the "
+        "packer ($JOBTREE_NODE_GRACE_SECONDS)",
+    )
+    parser.add_argument(
+        "--max-clock-skew-seconds",
+        type=float,
+        default=float(env_value("JOBTREE_MAX_CLOCK_SKEW_SECONDS", "120")),
+        help="how far a new Lease's start may be from the binder's clock "
+        "($JOBTREE_MAX_CLOCK_SKEW_SECONDS)",
+    )
     ns, cfg = parse_service_args("binder", parser, argv)
     return cfg, BinderOptions(
         gpu_resource=ns.gpu_resource,
@@ -75,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         leader_elect=ns.leader_elect,
         leader_namespace=ns.leader_namespace,
         leader_lease_seconds=ns.leader_lease_seconds,
+        default_owner_globs=parse_globs(ns.default_owner_globs),
+        node_grace=timedelta(seconds=ns.node_grace_seconds),
+        max_clock_skew=timedelta(seconds=ns.max_clock_skew_seconds),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 from services.forecast.config import engine_flags, engine_settings
 from services.resolver.service import ResolverOptions, serve
@@ -31,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOp
         default=int(env_value("JOBTREE_CONFLICT_RETRIES", "3")),
         help="binder rejections retried on a fresh snapshot ($JOBTREE_CONFLICT_RETRIES)",
     )
+    parser.add_argument(
+        "--node-grace-seconds",
+        type=float,
+        default=float(env_value("JOBTREE_NODE_GRACE_SECONDS", "30")),
+        help="act on NODE_FAILED only for a node deleted or NotReady this long, as the packer "
+        "($JOBTREE_NODE_GRACE_SECONDS)",
+    )
     engine_flags(parser)
     ns, cfg = parse_service_args("resolver", parser, argv)
     return cfg, ResolverOptions(
@@ -39,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, ResolverOp
         conflict_retries=max(1, ns.conflict_retries),
         gpu_resource=ns.gpu_resource,
         namespace=ns.namespace,
+        node_grace=timedelta(seconds=ns.node_grace_seconds),
         settings=engine_settings(ns),
     )
 

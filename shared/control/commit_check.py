@@ -29,7 +29,7 @@ from shared.bus.messages import CommitRequest
 from shared.engine.accounting import Meter, Usage, usage_from_ledger
 from shared.engine.admit import claim_protection
 from shared.engine.bindplan import LeaseIntent, PodIntent, pod_name
-from shared.engine.cover import _hours_left, window_allows
+from shared.engine.cover import hours_left, window_allows
 from shared.engine.fill import spare_room
 from shared.engine.model import (
     AggregateCap,
@@ -70,6 +70,20 @@ class ConflictReason(StrEnum):
     LENDING_LIMIT = "LendingLimit"
     AGGREGATE_CAP = "AggregateCap"
     PROTECTED = "ProtectedReservation"
+    # Trust (``shared.control.commit_trust``): what the binder cannot justify from its caches.
+    RUN_NOT_FOUND = "RunNotFound"
+    STALE_RUN = "StaleRun"
+    RUN_DELETING = "RunDeleting"
+    UNAUTHORIZED = "Unauthorized"
+    DEPENDENCIES = "Dependencies"
+    OWNER = "OwnerMismatch"
+    PAYER = "IneligiblePayer"
+    PLACEMENT = "Placement"
+    START_TIME = "StartTime"
+    POD_GPUS = "PodGPUs"
+    RESERVATION = "UnverifiedReservation"
+    UNJUSTIFIED = "UnjustifiedEnd"
+    KEY_REUSED = "KeyReused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,8 +459,8 @@ def _hours_over(
     stay ≥ 0, or not shrink when it was already negative (unbounded leases keep growing past
     their default): a commit that adds nothing net, like a swap, is never refused for hours.
     """
-    left_was = _hours_left(limit, was, default_hours)
-    left = _hours_left(limit, will, default_hours)
+    left_was = hours_left(limit, was, default_hours)
+    left = hours_left(limit, will, default_hours)
     if left >= min(0.0, left_was) - _HOURS_SLACK:
         return None
     return limit - left_was, left_was - left

@@ -172,7 +172,7 @@ def gpus_for_hours(remaining_gpu_hours: float, hours: float) -> int:
     return max(0, math.floor(remaining_gpu_hours / hours + _EPS))
 
 
-def _hours_left(limit: float, used: Meter, default_hours: float) -> float:
+def hours_left(limit: float, used: Meter, default_hours: float) -> float:
     """GPU-hours not consumed nor promised to open leases (unbounded ones: one default more)."""
     return limit - used.gpu_hours - used.committed_gpu_hours - used.unbounded_gpus * default_hours
 
@@ -182,7 +182,7 @@ def envelope_limit(envelope: Envelope, usage: Usage, hours: float, default_hours
     used = usage.envelope(envelope.key).total
     gpus = envelope.concurrency - used.gpus
     if envelope.max_gpu_hours is not None:
-        left = _hours_left(envelope.max_gpu_hours, used, default_hours)
+        left = hours_left(envelope.max_gpu_hours, used, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -194,7 +194,7 @@ def cap_limit(cap: AggregateCap, usage: Usage, hours: float, default_hours: floa
     if cap.max_concurrency is not None:
         gpus = cap.max_concurrency - used.gpus
     if cap.max_gpu_hours is not None:
-        left = _hours_left(cap.max_gpu_hours, used, default_hours)
+        left = hours_left(cap.max_gpu_hours, used, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -209,7 +209,7 @@ def lend_limit(envelope: Envelope, usage: Usage, hours: float, default_hours: fl
     if lending.max_concurrency is not None:
         gpus = lending.max_concurrency - lent.gpus
     if lending.max_gpu_hours is not None:
-        left = _hours_left(lending.max_gpu_hours, lent, default_hours)
+        left = hours_left(lending.max_gpu_hours, lent, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -292,6 +292,38 @@ def _split(
     return [t[2] for t in ranked], outside
 
 
+def payers(request: RunRequest, family: Family) -> tuple[tuple[str, Envelope, FundingKind], ...]:
+    """Every envelope that may pay for the Run, in cover order, with its funding class.
+
+    The family steps and the sponsor step of the module docstring, before windows, headroom and
+    the lenders' ACLs (a sponsor listed here still needs ``lends_to``). Cover draws its offers
+    from this list and the binder checks a commit's payers against it, so both apply one rule.
+    """
+    owner, flavor = request.owner, request.flavor
+    cands = family.candidates(owner, flavor)
+    locations = requested_locations(request, [e for _, e in cands.own])
+    own_in, own_out = _split(cands.own, locations)
+    sibs_in, sibs_out = _split(cands.siblings, locations)
+    pars_in, pars_out = _split(cands.parents, locations)
+    cous_in, cous_out = _split(cands.cousins, locations)
+    owned, fam_kind, sponsor = FundingKind.OWNED, FundingKind.FAMILY, FundingKind.SPONSOR
+    ordered: list[tuple[str, Envelope, FundingKind]] = [(k, e, owned) for k, e in own_in]
+    ordered += [(k, e, fam_kind) for k, e in (*sibs_in, *pars_in)]
+    ordered += [(k, e, owned) for k, e in own_out]
+    ordered += [(k, e, fam_kind) for k, e in (*sibs_out, *pars_out, *cous_in, *cous_out)]
+    if request.allow_borrow and request.sponsors:
+        members = family.relatives(owner).members
+        spons: Keyed = tuple(
+            kv
+            for s in dict.fromkeys(request.sponsors)
+            if s not in members
+            for kv in family.flavored(s, flavor)
+        )
+        spon_in, spon_out = _split(spons, locations)
+        ordered += [(k, e, sponsor) for k, e in (*spon_in, *spon_out)]
+    return tuple(ordered)
+
+
 def cover(
     request: RunRequest,
     family: Family,
@@ -321,31 +353,10 @@ def cover(
     default_hours = default_duration / _HOUR
     owner, flavor = request.owner, request.flavor
 
-    cands = family.candidates(owner, flavor)
-    locations = requested_locations(request, [e for _, e in cands.own])
-    own_in, own_out = _split(cands.own, locations)
-    sibs_in, sibs_out = _split(cands.siblings, locations)
-    pars_in, pars_out = _split(cands.parents, locations)
-    cous_in, cous_out = _split(cands.cousins, locations)
     owned, fam_kind, sponsor = FundingKind.OWNED, FundingKind.FAMILY, FundingKind.SPONSOR
-    ordered: list[tuple[str, Envelope, FundingKind]] = [(k, e, owned) for k, e in own_in]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_in, *pars_in)]
-    ordered += [(k, e, owned) for k, e in own_out]
-    ordered += [(k, e, fam_kind) for k, e in (*sibs_out, *pars_out, *cous_in, *cous_out)]
-
-    sponsor_count = acl_allowed = 0
-    if request.allow_borrow and request.sponsors:
-        members = family.relatives(owner).members
-        spons: Keyed = tuple(
-            kv
-            for s in dict.fromkeys(request.sponsors)
-            if s not in members
-            for kv in family.flavored(s, flavor)
-        )
-        spon_in, spon_out = _split(spons, locations)
-        ordered += [(k, e, sponsor) for k, e in (*spon_in, *spon_out)]
-        sponsor_count = len(spons)
-        acl_allowed = sum(1 for _, e in spons if lends_to(e, owner))
+    ordered = list(payers(request, family))
+    sponsor_count = sum(1 for _, _, kind in ordered if kind is sponsor)
+    acl_allowed = sum(1 for _, e, kind in ordered if kind is sponsor and lends_to(e, owner))
 
     if not ordered:
         hint = (
@@ -381,7 +392,7 @@ def cover(
         used = ZERO if eu is None else eu.total
         gpus = env.concurrency - used.gpus
         if env.max_gpu_hours is not None and gpus > 0:
-            left = _hours_left(env.max_gpu_hours, used, default_hours)
+            left = hours_left(env.max_gpu_hours, used, default_hours)
             gpus = min(gpus, gpus_for_hours(left, hours))
         if gpus <= 0:
             continue

@@ -183,7 +183,7 @@ SAMPLES: list[Any] = [
         shortfall=8,
     ),
     ReserveReply(reservation="llm-pretrain-res", earliest_start=T0, confidence="walltime"),
-    ActivateRequest(namespace="team-a", name="llm-pretrain-res", uid="r-uid", at=T0),
+    ActivateRequest(namespace="team-a", name="llm-pretrain-res", uid="r-uid"),
     ActivateReply(released=True, seed="ab12" * 16, message="bound after 1 draw"),
     ActivateReply(released=False, seed=None, message="deficit 8 left"),
     NodeFailed(node="n7", at=T0, reason="NotReady"),
