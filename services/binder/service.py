@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -251,6 +252,20 @@ def _raise_first(results: Iterable[object]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def commit_digest(req: CommitRequest) -> str:
+    """What a commit writes, hashed: everything but the snapshot ``version`` and the planning
+    instant of its Leases (a re-plan of the same placement names the same Leases a little
+    later; the binder bounds start times by its own clock anyway)."""
+    timeless = [msgspec.structs.replace(req, version=0, leases=[])]
+    timeless += [
+        dataclasses.replace(lease, start=_EPOCH, expected_end=None) for lease in req.leases
+    ]
+    return hashlib.sha256(encode(timeless)).hexdigest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class CommitFailed(Exception):
@@ -545,8 +560,8 @@ class Binder:
 
     def _remember(self, req: CommitRequest) -> Rejection | None:
         """Idempotency by content: a key accepted before comes back only with the same content
-        (the snapshot ``version`` aside), so a re-used key cannot smuggle in other writes."""
-        digest = hashlib.sha256(encode(msgspec.structs.replace(req, version=0))).hexdigest()
+        (``commit_digest``), so a re-used key cannot smuggle in other writes."""
+        digest = commit_digest(req)
         was = self._seen.get(req.key)
         if was is not None and was != digest:
             return Rejection(
@@ -610,7 +625,7 @@ class Binder:
                 await self._namespace_annotations(key[0]),
                 self.options.default_owner_globs,
             )
-            denied = None if refused is None else refused.message
+            denied = None if refused is None else refused.message.partition(": ")[2]
             dependency = check_after((obj.get("spec") or {}).get("after"), self._phases(key[0]))
             waiting = None if isinstance(dependency, Ready) else dependency.message
         shrinkable: frozenset[str] = frozenset()

@@ -301,7 +301,10 @@ class Resolver:
         """
         if view.state is ReservationState.ACTIVE and view.activated_at is not None:
             return view
-        status = {"state": ReservationState.ACTIVE.value, **_activated(view, view.earliest_start)}
+        status = {
+            "state": ReservationState.ACTIVE.value,
+            **_activated(view.activated_at or view.earliest_start),
+        }
         obj = await writer.patch_status(
             self.api,
             RESERVATIONS,
@@ -337,7 +340,10 @@ class Resolver:
         if act.resolution is not None and act.resolution.actions:
             # The seed, the tokens and the draws are published before any lease ends.
             audit = rv.audit_record(act.resolution, act.scope, act.deficit, act.funding_envelope)
-            await self._status(view, {"audit": audit, **_activated(view, target.at)})
+            await self._status(
+                view,
+                {"state": ReservationState.ACTIVE.value, "audit": audit, **_activated(target.at)},
+            )
         reply = await self._send(commit)
         if not reply.ok:
             raise _Rejected(reply.conflict)
@@ -374,7 +380,7 @@ class Resolver:
             "reason": act.reason,
             "message": act.message,
             "releasedAt": rfc3339(now.replace(microsecond=0)),
-            **_activated(view, at),
+            **_activated(at),
         }
         if act.resolution is not None and act.resolution.actions:
             status["audit"] = rv.audit_record(
@@ -434,7 +440,7 @@ class Resolver:
             "state": ReservationState.BLOCKED.value,
             "reason": reason,
             "message": message,
-            **_activated(view, at),
+            **_activated(at),
         }
         await self._status(view, status)
         log.info(
@@ -558,10 +564,11 @@ class Resolver:
         )
 
 
-def _activated(view: rv.ReservationView, at: datetime) -> dict[str, str]:
-    """``activatedAt`` when the forecaster did not publish it (an ACTIVATE from elsewhere): the
-    activation instant is part of the seed, so it must be on record."""
-    return {} if view.activated_at is not None else {"activatedAt": rfc3339(at)}
+def _activated(at: datetime) -> dict[str, str]:
+    """``activatedAt`` in every status the resolver applies: the instant seeds the lottery, so it
+    stays on record (server-side apply drops a field its manager stops sending; the forecaster,
+    when it activated, holds the same value)."""
+    return {"activatedAt": rfc3339(at)}
 
 
 async def serve(cfg: ServiceConfig, options: ResolverOptions) -> int:

@@ -46,7 +46,7 @@ def replays(result: str) -> float:
 @pytest.fixture(scope="module")
 def fleet(crds: ControlPlane, namespace: str) -> list[str]:
     budget = h.budget_manifest("jt-budget", OWNER, "jrnl-r", 96)
-    return h.fleet_with_budgets(crds, namespace, "jrnl", 9, LABELS, budget)
+    return h.fleet_with_budgets(crds, namespace, "jrnl", 9, LABELS, budget, owners=OWNER)
 
 
 @pytest_asyncio.fixture(scope="module")
