@@ -258,7 +258,7 @@ def commit_digest(req: CommitRequest) -> str:
     """What a commit writes, hashed: everything but the snapshot ``version`` and the planning
     instant of its Leases (a re-plan of the same placement names the same Leases a little
     later; the binder bounds start times by its own clock anyway)."""
-    timeless = [msgspec.structs.replace(req, version=0, leases=[])]
+    timeless: list[object] = [msgspec.structs.replace(req, version=0, leases=[])]
     timeless += [
         dataclasses.replace(lease, start=_EPOCH, expected_end=None) for lease in req.leases
     ]
