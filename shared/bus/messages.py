@@ -117,9 +117,13 @@ class LeaseEnd(Message, frozen=True, forbid_unknown_fields=True):
 class CommitRequest(Message, frozen=True, forbid_unknown_fields=True):
     """One atomic commit for the binder: lease ends and starts that belong together, all or none.
 
-    ``key`` is the idempotency key: re-sending the same commit is a no-op. ``version`` is the
-    snapshot version the proposal was computed on; the binder rejects stale ones.
-    ``budget_of`` maps each envelope key a lease names to its Budget object name.
+    ``key`` is the idempotency key: re-sending the same commit is a no-op, and the binder refuses
+    the key when it comes back with other content (``KeyReused``). ``version`` is the proposer's
+    cache version, recorded for diagnosis only: each service counts its own, so the binder judges
+    staleness by what the commit would do to its own view (``shared.control.commit_check``) and
+    whether it can justify every write (``shared.control.commit_trust``), not by this number.
+    ``run.uid`` is required for a commit that starts anything. ``budget_of`` maps each envelope
+    key a lease names to its Budget object name.
     """
 
     key: str

@@ -194,9 +194,13 @@ One service container: (dict "root" $ "service" "binder").
       value: /etc/jobtree/webhook/tls.key
     {{- end }}
     {{- end }}
-    {{- if eq $name "packer" }}
+    {{- if has $name (list "packer" "resolver" "binder") }}
     - name: JOBTREE_NODE_GRACE_SECONDS
-      value: {{ $svc.nodeGraceSeconds | quote }}
+      value: {{ $root.Values.services.packer.nodeGraceSeconds | quote }}
+    {{- end }}
+    {{- if and (eq $name "binder") $root.Values.services.admission.defaultOwnerGlobs }}
+    - name: JOBTREE_DEFAULT_OWNER_GLOBS
+      value: {{ $root.Values.services.admission.defaultOwnerGlobs | quote }}
     {{- end }}
     {{- if eq $name "binder" }}
     - name: JOBTREE_LEADER_ELECT
