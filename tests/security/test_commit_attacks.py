@@ -4,9 +4,9 @@ Each attack below was accepted before the binder re-derived commits from its own
 must now be refused with its typed reason, counted in ``jobtree_binder_conflicts_total``, and
 leave every Lease, Pod, Run status and Reservation of both tenants exactly as it was.
 
-The scene: tenant ``sec:victim`` runs an 8-GPU gang in ``sec-victim``; tenant ``sec:attacker``
-(namespace ``sec-attacker``) has a Run it cannot fund (16 GPUs, an 8-GPU envelope), so nothing
-honest ever binds it while the attacks go on.
+The scene: tenant ``red:victim`` runs an 8-GPU gang in ``sec-victim``; tenant ``blue:attacker``
+(namespace ``sec-attacker``, no family of the victim) has a Run it cannot fund (16 GPUs, an
+8-GPU envelope), so nothing honest ever binds it while the attacks go on.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from .helpers import (
 )
 
 VICTIM_NS, ATTACKER_NS = "sec-victim", "sec-attacker"
-VICTIM, ATTACKER = "sec:victim", "sec:attacker"
+VICTIM, ATTACKER = "red:victim", "blue:attacker"
 VICTIM_ENV, ATTACKER_ENV = "sec-victim/victim-nv-a", "sec-attacker/attacker-nv-a"
 NAMESPACES = (VICTIM_NS, ATTACKER_NS)
 
@@ -62,7 +62,12 @@ def scene(stack: LocalStack) -> Iterator[dict[str, Any]]:
     setup_namespace(stack, ATTACKER_NS, ATTACKER)
     apply_yaml(
         stack,
-        budget_manifest("sec-victim", VICTIM, [envelope("victim-nv-a", NV_A, 32)]),
+        # The victim's envelope would even lend to the attacker's team, had its Run asked.
+        budget_manifest(
+            "sec-victim",
+            VICTIM,
+            [envelope("victim-nv-a", NV_A, 32, lending={"allow": True, "to": ["blue:*"]})],
+        ),
         budget_manifest("sec-attacker", ATTACKER, [envelope("attacker-nv-a", NV_A, 8)]),
         run_manifest("victim", VICTIM_NS, VICTIM, 8, group_gpus=8),
         run_manifest("greedy", ATTACKER_NS, ATTACKER, 16, group_gpus=8),
