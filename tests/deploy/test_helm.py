@@ -413,7 +413,7 @@ CAN_I: list[tuple[str, tuple[str, ...], str | None, set[str]]] = [
     ("create", ("reservations.rq.davidlangworthy.io",), "team-a", {"forecast"}),
     ("patch", ("reservations.rq.davidlangworthy.io", "--subresource=status"), "team-a",
      {"forecast", "resolver"}),
-    ("list", ("namespaces",), None, {"admission"}),
+    ("list", ("namespaces",), None, {"admission", "binder"}),  # both read the owners annotation
     ("list", ("pods",), "team-a", {"binder"}),
     ("create", ("events",), "team-a", set(SERVICES)),
     ("update", ("leases.coordination.k8s.io/jobtree-binder",), NAMESPACE, {"binder"}),
