@@ -254,6 +254,9 @@ def _raise_first(results: Iterable[object]) -> None:
             raise result
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def commit_digest(req: CommitRequest) -> str:
     """What a commit writes, hashed: everything but the snapshot ``version`` and the planning
     instant of its Leases (a re-plan of the same placement names the same Leases a little
@@ -263,9 +266,6 @@ def commit_digest(req: CommitRequest) -> str:
         dataclasses.replace(lease, start=_EPOCH, expected_end=None) for lease in req.leases
     ]
     return hashlib.sha256(encode(timeless)).hexdigest()
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class CommitFailed(Exception):
