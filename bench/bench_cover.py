@@ -34,7 +34,7 @@ from functools import partial
 from bench.common import emit, load, machine, percentile
 from bench.cover_eager import eager_cover
 from shared.engine.accounting import Usage, usage_from_ledger
-from shared.engine.cover import cover, cover_order
+from shared.engine.cover import cover, payers
 from shared.engine.family import Family
 from shared.engine.model import (
     AggregateCap,
@@ -227,7 +227,7 @@ def memory(budgets: list[Budget], requests: list[RunRequest]) -> None:
     for owner in family.owners():
         family.relatives(owner)
     for req in requests:
-        cover_order(req, family)
+        payers(req, family)
     index = tracemalloc.get_traced_memory()[0]
     usage = usage_from_ledger(leases, caps, now=T0)
     done = tracemalloc.get_traced_memory()[0]

@@ -17,13 +17,13 @@ from shared.engine.cover import (
     BORROW_CAP,
     CoverDenied,
     _greedy,
-    _hours_left,
     _is_borrow_cap,
     _split,
     agg_cap_key,
     cap_limit,
     cover_demand,
     gpus_for_hours,
+    hours_left,
     invalid_reason,
     lend_cap_key,
     lend_limit,
@@ -124,7 +124,7 @@ def eager_cover(
         used = ZERO if eu is None else eu.total
         gpus = env.concurrency - used.gpus
         if env.max_gpu_hours is not None and gpus > 0:
-            left = _hours_left(env.max_gpu_hours, used, default_hours)
+            left = hours_left(env.max_gpu_hours, used, default_hours)
             gpus = min(gpus, gpus_for_hours(left, hours))
         if gpus <= 0:
             continue

@@ -9,12 +9,14 @@ reads its own, each with an environment fallback.
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 
 from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
 from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag
 from shared.control import pod_policy
+from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
 from shared.kube.translate import HOLD_IMAGE
 
 
@@ -58,6 +60,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
     )
     engine_flags(parser)
     pod_policy.add_arguments(parser)
+    parser.add_argument(
+        "--default-owner-globs",
+        default=env_value("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
+        help="owner globs of namespaces without the owners annotation, as admission's "
+        "($JOBTREE_DEFAULT_OWNER_GLOBS)",
+    )
+    parser.add_argument(
+        "--max-clock-skew-seconds",
+        type=float,
+        default=float(env_value("JOBTREE_MAX_CLOCK_SKEW_SECONDS", "120")),
+        help="how far a new Lease's start may be from the binder's clock "
+        "($JOBTREE_MAX_CLOCK_SKEW_SECONDS)",
+    )
     ns, cfg = parse_service_args("binder", parser, argv)
     try:
         policy = pod_policy.from_arguments(ns)
@@ -73,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
         leader_lease_seconds=ns.leader_lease_seconds,
         settings=engine_settings(ns),
         pod_policy=policy,
+        default_owner_globs=parse_globs(ns.default_owner_globs),
+        max_clock_skew=timedelta(seconds=ns.max_clock_skew_seconds),
     )
 
 

@@ -11,8 +11,10 @@ Leases and moved on). So the binder keeps the request itself:
 - once the commit is applied, it purges that subject;
 - when it starts serving (after its caches are synced, and after winning the election) and after
   an apply that failed part-way, it re-applies every request still in the journal, oldest first.
-  A re-applied commit is re-checked like any other; one that is rejected now (the Run is gone,
-  for instance) is dropped from the journal with a log line.
+  A re-applied commit is re-checked like any other — fit and justification, so an entry written
+  into the journal by anyone else gains nothing — with its Leases' start times measured against
+  the instant the NATS server stored the entry; one that is rejected now (the Run is gone, for
+  instance) is dropped from the journal with a log line.
 
 Losing the journal (NATS down) refuses new commits (``JournalUnavailable``) rather than writing
 one that could not be completed after a crash.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -74,9 +77,11 @@ class Journal:
         """Forget an applied commit."""
         await self._js.purge_stream(STREAM, subject=entry_subject(commit_key))
 
-    async def pending(self) -> list[CommitRequest]:
-        """Every commit still in the journal, oldest first (undecodable entries are dropped)."""
-        out: list[CommitRequest] = []
+    async def pending(self) -> list[tuple[CommitRequest, datetime | None]]:
+        """Every commit still in the journal, oldest first, with when the NATS server stored it
+        (the binder measures the Leases' start times against that); undecodable entries are
+        dropped."""
+        out: list[tuple[CommitRequest, datetime | None]] = []
         seq = 1
         while True:
             try:
@@ -87,7 +92,7 @@ class Journal:
                 return out
             seq = int(msg.seq) + 1
             try:
-                out.append(decode(msg.data or b"", CommitRequest))
+                out.append((decode(msg.data or b"", CommitRequest), msg.time))
             except msgspec.DecodeError as exc:
                 log.error("journal entry dropped: undecodable", extra={"error": str(exc)})
                 await self._js.purge_stream(STREAM, subject=msg.subject)

@@ -1,7 +1,10 @@
 """The binder: the single writer of Leases, Pods and Services (field manager ``jobtree-binder``).
 
 It answers ``COMMIT`` by re-checking the proposal against its own watch caches plus the commits
-it wrote but has not seen back yet (``shared.control.commit_check``), then applying it in a
+it wrote but has not seen back yet: that it fits (``shared.control.commit_check``) and that every
+write is justified by API-server truth the binder looked up itself — the Run, its namespace's
+owners, its dependencies, the paying envelopes, failed nodes, the activated Reservation's audit
+(``shared.control.commit_trust``); a proposal is a claim, whoever sent it. Then it applies it in a
 fixed order — lease ends (and the pods they free), the Run's headless Service, new Leases, their
 Pods — and publishing one ``LEDGER`` event per lease opened or closed. Checks are serialised by
 one lock, and a commit's new Leases count against capacity from the moment it is accepted, so the
@@ -24,14 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
+import msgspec
 from kubernetes_asyncio.client import ApiClient
 
 from services.binder import metrics
@@ -53,7 +60,10 @@ from shared.bus import (
     ServiceConfig,
     ServiceRuntime,
 )
+from shared.bus.messages import encode
 from shared.bus.process import serve_service
+from shared.cli.views import replay_audit
+from shared.control import reservations as rv
 from shared.control.commit_check import (
     CommitPlan,
     ConflictReason,
@@ -67,19 +77,43 @@ from shared.control.commit_check import (
     plan_commit,
     pod_changes,
     pods_touched,
+    reservation_of,
     same_incarnation,
 )
+from shared.control.commit_trust import (
+    DEFAULT_SKEW,
+    LIFECYCLE_PREFIX,
+    SHRINK_REASON,
+    Authority,
+    ReservationTruth,
+    RunTruth,
+    failed_node_of,
+    verify_commit,
+)
+from shared.control.dependencies import Ready, check_after
 from shared.control.lifecycle import Outcome, PodView, RunView, decide
+from shared.control.node_health import has_failed, node_condition
 from shared.control.pod_policy import POD_POLICY, PodPolicyConfig, check_template
+from shared.control.run_status import elastic_step
+from shared.control.tenancy import DEFAULT_OWNER_GLOBS, check_owner
 from shared.engine.bindplan import LeaseIntent, PodIntent
-from shared.engine.model import Lease, RunKey
+from shared.engine.model import Lease, RunKey, RunRequest
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
 from shared.kube.client import KubeError, request
 from shared.kube.informer import Informer, Obj
-from shared.kube.resources import GPU_LEASES, PODS, RUNS, SERVICES, Resource
+from shared.kube.resources import (
+    GPU_LEASES,
+    NAMESPACES,
+    NODES,
+    PODS,
+    RESERVATIONS,
+    RUNS,
+    SERVICES,
+    Resource,
+)
 from shared.kube.translate import (
     HOLD_IMAGE,
     LABEL_RANK,
@@ -88,6 +122,7 @@ from shared.kube.translate import (
     lease_manifest,
     pod_manifest,
     rfc3339,
+    run_request,
     service_name,
 )
 
@@ -97,6 +132,9 @@ FIELD_MANAGER = "jobtree-binder"
 ANNOTATION_LEASES = f"{GROUP}/leases"
 """On a pod: the lease names its rank holds on its node, i.e. which incarnation it is."""
 _TRANSIENT = frozenset({0, 429, 500, 502, 503, 504})
+SEEN_KEYS = 100_000
+"""Commit keys (with a digest of their content) remembered to refuse a key re-used with other
+content."""
 _T = TypeVar("_T")
 
 
@@ -117,6 +155,10 @@ class BinderOptions:
     leader_elect: bool = False
     leader_namespace: str = "default"
     leader_lease_seconds: float = 15.0
+    default_owner_globs: tuple[str, ...] = DEFAULT_OWNER_GLOBS
+    """Owner globs of namespaces without the owners annotation (as admission's)."""
+    max_clock_skew: timedelta = DEFAULT_SKEW
+    """How far a new Lease's start may be from the binder's clock."""
     settings: Settings = field(default_factory=Settings)
     """Engine settings (``shared.bus.settings``): the commit re-checks' spare factor and default
     duration, the missing-pod grace."""
@@ -212,6 +254,20 @@ def _raise_first(results: Iterable[object]) -> None:
             raise result
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def commit_digest(req: CommitRequest) -> str:
+    """What a commit writes, hashed: everything but the snapshot ``version`` and the planning
+    instant of its Leases (a re-plan of the same placement names the same Leases a little
+    later; the binder bounds start times by its own clock anyway)."""
+    timeless: list[object] = [msgspec.structs.replace(req, version=0, leases=[])]
+    timeless += [
+        dataclasses.replace(lease, start=_EPOCH, expected_end=None) for lease in req.leases
+    ]
+    return hashlib.sha256(encode(timeless)).hexdigest()
+
+
 class CommitFailed(Exception):
     """The API server failed part-way through applying a commit (re-sending completes it)."""
 
@@ -293,6 +349,9 @@ class Binder:
             gpu_resource=self.options.gpu_resource,
         )
         self.pods = Informer(api, PODS, label_selector=LABEL_RUN)
+        self.namespaces = Informer(api, NAMESPACES)
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        """Commit key → digest of its content, for the commits accepted lately."""
         self._inflight = Inflight()
         self._lock = asyncio.Lock()
         """Held while a commit is checked (and its new leases counted), never while writing."""
@@ -324,8 +383,10 @@ class Binder:
         self.pods.add_listener(self._poke)
         await self.cache.start()
         self._tasks.append(asyncio.create_task(self.pods.run(), name="binder-pods"))
+        self._tasks.append(asyncio.create_task(self.namespaces.run(), name="binder-namespaces"))
         await self.cache.wait_ready()
         await self.pods.ready.wait()
+        await self.namespaces.ready.wait()
         if self.elector is not None:
             self._tasks.append(asyncio.create_task(self.elector.run(), name="binder-election"))
             await self.elector.leading.wait()
@@ -349,6 +410,7 @@ class Binder:
         if self.elector is not None:
             await self.elector.release()
         self.pods.stop()
+        self.namespaces.stop()
         await self.cache.stop()
         await self.runtime.stop()
         metrics.LEADER.set(0)
@@ -410,14 +472,22 @@ class Binder:
         )
         return CommitReply(ok=False, conflict=conflict)
 
-    async def _commit_one(self, req: CommitRequest) -> CommitReply:
-        """Check under the lock (counting the new leases at once), then write without it."""
+    async def _commit_one(self, req: CommitRequest, clock: datetime | None = None) -> CommitReply:
+        """Look up what justifies the commit, check it under the lock (counting the new leases
+        at once), then write without it. ``clock``: when a replayed journal entry was recorded
+        (its Leases were proposed then)."""
         now = utcnow()
+        authority = await self._authority(req, now, clock or now)
         async with self._lock:
             state = self._snapshot(now)
             plan = plan_commit(req, state, self._inflight)
             if isinstance(plan, Rejection):
                 return self._reject(req, plan)
+            refused = verify_commit(
+                req, plan, state, ledger_view(state, self._inflight), authority
+            ) or self._remember(req)
+            if refused is not None:
+                return self._reject(req, refused)
             pod_states = self._pod_states(pods_touched(plan))
             changes = pod_changes(plan, pod_states)
             counted = [intent_lease(intent) for intent in plan.creates]
@@ -447,13 +517,8 @@ class Binder:
         try:
             if plan.creates or changes.create:
                 run_obj = await self._live_run(req.run.key)
-                if run_obj is None:
+                if run_obj is None or _meta(run_obj).get("uid") != req.run.uid:
                     return self._reject(req, "RunNotFound", f"{req.run.namespace}/{req.run.name}")
-                meta = _meta(run_obj)
-                if req.run.uid and meta.get("uid") != req.run.uid:
-                    return self._reject(req, "StaleRun", "the Run was replaced since the proposal")
-                if meta.get("deletionTimestamp"):
-                    return self._reject(req, "RunDeleting", "the Run is being deleted")
                 refusal = check_template(
                     (run_obj.get("spec") or {}).get("template"), self.options.pod_policy
                 )
@@ -496,6 +561,156 @@ class Binder:
             ended=[end.name for end in req.ends],
         )
 
+    # ------------------------------------------------------------------ what justifies a commit
+
+    def _remember(self, req: CommitRequest) -> Rejection | None:
+        """Idempotency by content: a key accepted before comes back only with the same content
+        (``commit_digest``), so a re-used key cannot smuggle in other writes."""
+        digest = commit_digest(req)
+        was = self._seen.get(req.key)
+        if was is not None and was != digest:
+            return Rejection(
+                ConflictReason.KEY_REUSED,
+                f"commit key {req.key} was accepted before with other content",
+            )
+        self._seen[req.key] = digest
+        self._seen.move_to_end(req.key)
+        while len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+        return None
+
+    async def _authority(self, req: CommitRequest, now: datetime, clock: datetime) -> Authority:
+        """The facts ``verify_commit`` judges, from the caches or (where they may lag, and for
+        the rare node failure and activation) straight from the API server."""
+        failed = failed_node_of(req.reason)
+        return Authority(
+            run=await self._run_truth(req, now),
+            clock=clock,
+            failed_nodes=frozenset(
+                {failed} if failed is not None and await self._node_failed(failed, now) else ()
+            ),
+            reservation=await self._reservation_truth(req),
+            skew=self.options.max_clock_skew,
+        )
+
+    def _open_leases_of(self, key: RunKey) -> list[Lease]:
+        """The Run's open leases: the cache's, plus in-flight creates, minus in-flight closes."""
+        leases = {lease.name: lease for lease in self.cache.leases_of(key)}
+        for name, lease in self._inflight.opened.items():
+            if lease.run == key:
+                leases.setdefault(name, lease)
+        return [
+            lease
+            for name, lease in leases.items()
+            if lease.open and name not in self._inflight.closed
+        ]
+
+    async def _run_truth(self, req: CommitRequest, now: datetime) -> RunTruth | None:
+        key = req.run.key
+        lifecycle: dict[str, str] = {}
+        if req.reason.startswith(LIFECYCLE_PREFIX):
+            leases = self._open_leases_of(key)
+            pods = [pod_view(obj) for obj in self.pods.items.values() if pod_run(obj) == key]
+            view = await self._run_view(key, confirm=True)
+            ends = decide(leases, pods, view, now, self.options.settings.missing_pod_grace).ends
+            lifecycle = dict(ends)
+        obj = await self._live_run(key)
+        if obj is None:
+            return RunTruth(uid="", request=None, lifecycle=lifecycle) if lifecycle else None
+        meta = _meta(obj)
+        try:
+            request: RunRequest | None = run_request(obj)
+        except TranslateError:
+            request = None
+        denied = waiting = None
+        if request is not None and (req.leases or req.pods):
+            refused = check_owner(
+                request.owner,
+                key[0],
+                await self._namespace_annotations(key[0]),
+                self.options.default_owner_globs,
+            )
+            denied = None if refused is None else refused.message.partition(": ")[2]
+            dependency = check_after((obj.get("spec") or {}).get("after"), self._phases(key[0]))
+            waiting = None if isinstance(dependency, Ready) else dependency.message
+        shrinkable: frozenset[str] = frozenset()
+        if request is not None and req.reason == SHRINK_REASON:
+            shrinkable = frozenset(elastic_step(request, self._open_leases_of(key))[1])
+        return RunTruth(
+            uid=str(meta.get("uid") or ""),
+            request=request,
+            deleting=bool(meta.get("deletionTimestamp")),
+            denied=denied,
+            waiting=waiting,
+            shrinkable=shrinkable,
+            lifecycle=lifecycle,
+        )
+
+    def _phases(self, namespace: str) -> dict[str, str | None]:
+        """Phase of every Run of the namespace by name (``after`` names Runs of its own)."""
+        phases: dict[str, str | None] = {}
+        for obj in self.cache.objects("runs").values():
+            meta = _meta(obj)
+            if meta.get("namespace") == namespace:
+                phases[str(meta.get("name"))] = (obj.get("status") or {}).get("phase")
+        return phases
+
+    async def _namespace_annotations(self, namespace: str) -> Mapping[str, str] | None:
+        """The Namespace's annotations (read through when the cache has not seen it yet)."""
+        obj = self.namespaces.get(namespace)
+        if obj is None:
+            try:
+                obj = await self._get(NAMESPACES, namespace, None)
+            except KubeError as exc:
+                log.warning("namespace %s unreadable: %s", namespace, exc)
+                obj = None
+        if obj is None:
+            return None
+        annotations = _meta(obj).get("annotations")
+        return annotations if isinstance(annotations, Mapping) else {}
+
+    async def _node_failed(self, name: str, now: datetime) -> bool:
+        """Whether the node is deleted or NotReady past the grace, read fresh from the API
+        server (the cache may lag behind the packer that saw it fail)."""
+        obj = await self._get(NODES, name, None)
+        condition = None if obj is None else node_condition(obj)
+        return has_failed(condition, now, self.options.settings.node_grace)
+
+    async def _reservation_truth(self, req: CommitRequest) -> ReservationTruth | None:
+        """The Reservation a ``Reservation:<ns>/<name>`` commit names, read fresh: the resolver
+        publishes its audit just before it commits."""
+        named = reservation_of(req.reason)
+        if named is None or not (req.leases or req.ends):
+            return None
+        obj = await self._get(RESERVATIONS, named[1], named[0])
+        if obj is None:
+            return None
+        try:
+            view = rv.read_reservation(obj)
+        except ValueError:
+            return None
+        audit = view.status.get("audit")
+        ended: frozenset[str] | None = None
+        complete, seed, replays = True, "", False
+        if isinstance(audit, Mapping):
+            names = [str(n) for n in audit.get("endedLeases") or ()]
+            ended = frozenset(names)
+            complete = len(names) < rv.MAX_NAME_SET
+            seed = str(audit.get("seed") or "")
+            replays = replay_audit(audit).get("verdict") in ("verified", "no lottery")
+        return ReservationTruth(
+            namespace=view.namespace,
+            name=view.name,
+            run=view.run,
+            run_uid=view.run_uid,
+            state=view.state.value if view.state is not None else None,
+            earliest_start=view.earliest_start,
+            ended=ended,
+            complete=complete,
+            seed=seed,
+            replays=replays,
+        )
+
     # ------------------------------------------------------------------ journal
 
     async def _journal_record(self, req: CommitRequest) -> CommitReply | None:
@@ -533,12 +748,12 @@ class Binder:
             self._replay_due = True
             return 0
         completed = 0
-        for req in pending:
+        for req, recorded in pending:
             if self._stopping:
                 self._replay_due = True
                 break
             async with self._turns.turn(self._touched(req)):
-                reply = await self._commit_one(req)
+                reply = await self._commit_one(req, clock=recorded)
             failures = self._replay_failures.pop(req.key, 0)
             if reply.ok:
                 completed += 1
@@ -893,16 +1108,23 @@ class Binder:
             max_duration=request_.max_duration if request_ is not None else None,
         )
 
+    def _run_uid(self, key: RunKey) -> str:
+        """The Run's uid from the cache; empty for a Run that is gone (nothing is started)."""
+        obj = self.cache.run_object(key)
+        return "" if obj is None else str(_meta(obj).get("uid") or "")
+
     async def _finish(self, key: RunKey, outcome: Outcome) -> None:
         """Apply a lifecycle outcome: ends through the commit path, then pod deletions."""
         if outcome.ends:
             closure = outcome.closure.value if outcome.closure else "Lifecycle"
+            uid = self._run_uid(key)
+            ended = hashlib.sha256("\x1f".join([uid, *sorted(n for n, _ in outcome.ends)]).encode())
             req = CommitRequest(
-                key=f"lifecycle:{key[0]}/{key[1]}:{closure}",
-                run=RunRef(namespace=key[0], name=key[1], uid="", generation=0),
+                key=f"lifecycle:{key[0]}/{key[1]}:{closure}:{ended.hexdigest()[:12]}",
+                run=RunRef(namespace=key[0], name=key[1], uid=uid, generation=0),
                 version=self.cache.version,
                 ends=[LeaseEnd(name=name, closure=c) for name, c in outcome.ends],
-                reason=f"Lifecycle:{closure}",
+                reason=f"{LIFECYCLE_PREFIX}{closure}",
             )
             if self._stopping:
                 return

@@ -478,7 +478,8 @@ class Forecaster:
         self._activating[view.key] = task
 
     async def _activate(self, view: rv.ReservationView, at: datetime) -> None:
-        request = ActivateRequest(namespace=view.namespace, name=view.name, uid=view.uid, at=at)
+        # No time in the request: the resolver reads activatedAt (published above) itself.
+        request = ActivateRequest(namespace=view.namespace, name=view.name, uid=view.uid)
         log.info("activating reservation", extra={"reservation": view.key, "at": rfc3339(at)})
         try:
             reply = await self.runtime.request(

@@ -32,6 +32,13 @@ PREEMPTIONS = Counter(
 ACTIVATIONS = Counter(
     "jobtree_resolver_activations",
     "Reservation activations by outcome (Bind, Resolve, Blocked, AlreadyRunning, Canceled, "
-    "Conflict, Unavailable).",
+    "Conflict, Unavailable, Early: refused before earliestStart).",
     ["outcome"],
+)
+
+EVENTS_REFUSED = Counter(
+    "jobtree_resolver_events_refused",
+    "Events the resolver did not believe, by reason (NodeNotFailed: a NODE_FAILED for a node "
+    "that is Ready, or NotReady for less than the grace).",
+    ["reason"],
 )

@@ -6,8 +6,16 @@
   ``status.audit`` before the commit; afterwards the audit gets the draws and ended leases, the
   Reservation is Released (``releasedAt``) and one log line carries ``RandomPreempt(<seed>)``,
   the seed and the conflict set. Field manager ``jobtree-resolver``.
+  The request names the Reservation only: the activation instant that seeds the lottery is the
+  Reservation's ``status.activatedAt`` (written once: by the forecaster when it activates, else
+  here as ``earliestStart``), so the sender cannot pick the draw. An ACTIVATE before
+  ``earliestStart`` is refused (``Early``); one for a Reservation already settled answers from
+  its status.
 * ``NODE_FAILED`` (durable): the engine's swap / shrink / requeue plan as binder commits; a
-  rejected commit fails the handler so JetStream redelivers and the plan is recomputed.
+  rejected commit fails the handler so JetStream redelivers and the plan is recomputed. The event
+  is a claim: it is acted on only when the node, read fresh from the API server, is deleted or
+  NotReady past the grace (``shared.control.node_health.has_failed``); otherwise it is dropped
+  (``jobtree_resolver_events_refused_total``).
 
 Runs cut entirely are not requeued here: their leases end with the cut's closure and admission
 requeues them (checkpoint, restarts left) from the closures, as for any other lease end.
@@ -20,7 +28,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
@@ -52,21 +60,25 @@ from shared.control.activation import (
     activation_commit,
     decide,
     failure_commits,
+    failure_domains,
 )
+from shared.control.node_health import has_failed, node_condition
 from shared.engine.failures import FailurePlan, on_node_failure
-from shared.engine.model import DomainKey, RunKey, run_label
+from shared.engine.model import RunKey, run_label
 from shared.engine.resolver import audit_line
 from shared.engine.state import ClusterState, Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 from shared.kube import writer
 from shared.kube.cache import ClusterCache
 from shared.kube.informer import Obj
-from shared.kube.resources import RESERVATIONS, RUNS
+from shared.kube.resources import NODES, RESERVATIONS, RUNS
 from shared.kube.translate import TranslateError, rfc3339, run_request
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = rv.RESOLVER_MANAGER
+EARLY_TOLERANCE = timedelta(seconds=1)
+"""How much before ``earliestStart`` an ACTIVATE is still on time (whole-second timestamps)."""
 
 
 def utcnow() -> datetime:
@@ -199,20 +211,30 @@ class Resolver:
             done = self._settled(view)
             if done is not None:
                 return done
+            if utcnow() + EARLY_TOLERANCE < view.earliest_start:
+                metrics.ACTIVATIONS.labels("Early").inc()
+                log.warning("early ACTIVATE refused", extra={"reservation": key})
+                return ActivateReply(
+                    released=False,
+                    seed=None,
+                    message=f"Early: {key} starts at {rfc3339(view.earliest_start)}",
+                )
+            view = await self._activated_view(view)
+            at = view.activated_at or view.earliest_start
             run_obj = await self._run_object(view.run)
             if run_obj is None:
                 return await self._cancel(view, "RunDeleted", f"Run {run_label(view.run)} is gone")
             try:
                 request = run_request(run_obj)
             except TranslateError as exc:
-                return await self._block(view, None, "InvalidRun", str(exc), req.at)
+                return await self._block(view, None, "InvalidRun", str(exc), at)
             now = utcnow()
             state, version = self.snapshot(now)
             target = Target(
                 view.namespace,
                 view.name,
                 view.uid,
-                req.at,
+                at,
                 nodes=view.nodes,
                 strict=not view.managed,
             )
@@ -245,9 +267,9 @@ class Resolver:
                     settle=settle,
                 )
             if act.outcome is Outcome.BLOCKED:
-                return await self._block(view, act, act.reason, act.message, req.at)
+                return await self._block(view, act, act.reason, act.message, at)
             if act.outcome is Outcome.ALREADY_RUNNING:
-                await self._release(view, act, now, req.at)
+                await self._release(view, act, now, at)
                 return ActivateReply(released=True, seed=None, message=act.message)
             try:
                 return await self._commit(view, act, target, ref, version, now)
@@ -262,6 +284,29 @@ class Resolver:
         return ActivateReply(
             released=False, seed=None, message="the binder kept rejecting the activation"
         )
+
+    async def _activated_view(self, view: rv.ReservationView) -> rv.ReservationView:
+        """The Reservation in state Active with its ``activatedAt`` on record (written once).
+
+        The forecaster normally did both before sending ACTIVATE; otherwise the instant is the
+        Reservation's own ``earliestStart``, never a time the request could choose. The binder
+        accepts an activation's commit only for an Active Reservation.
+        """
+        if view.state is ReservationState.ACTIVE and view.activated_at is not None:
+            return view
+        status = {
+            "state": ReservationState.ACTIVE.value,
+            **_activated(view.activated_at or view.earliest_start),
+        }
+        obj = await writer.patch_status(
+            self.api,
+            RESERVATIONS,
+            view.name,
+            status,
+            namespace=view.namespace,
+            field_manager=FIELD_MANAGER,
+        )
+        return rv.read_reservation(obj)
 
     @staticmethod
     def _settled(view: rv.ReservationView) -> ActivateReply | None:
@@ -288,7 +333,10 @@ class Resolver:
         if act.resolution is not None and act.resolution.actions:
             # The seed, the tokens and the draws are published before any lease ends.
             audit = rv.audit_record(act.resolution, act.scope, act.deficit, act.funding_envelope)
-            await self._status(view, {"audit": audit, **_activated(view, target.at)})
+            await self._status(
+                view,
+                {"state": ReservationState.ACTIVE.value, "audit": audit, **_activated(target.at)},
+            )
         reply = await self._send(commit)
         if not reply.ok:
             raise _Rejected(reply.conflict)
@@ -325,7 +373,7 @@ class Resolver:
             "reason": act.reason,
             "message": act.message,
             "releasedAt": rfc3339(now.replace(microsecond=0)),
-            **_activated(view, at),
+            **_activated(at),
         }
         if act.resolution is not None and act.resolution.actions:
             status["audit"] = rv.audit_record(
@@ -385,7 +433,7 @@ class Resolver:
             "state": ReservationState.BLOCKED.value,
             "reason": reason,
             "message": message,
-            **_activated(view, at),
+            **_activated(at),
         }
         await self._status(view, status)
         log.info(
@@ -416,8 +464,27 @@ class Resolver:
 
     # ------------------------------------------------------------------ NODE_FAILED
 
+    async def _node_failed(self, name: str, now: datetime) -> bool:
+        """Whether the node is deleted or NotReady past the grace, read fresh from the API
+        server (the cache may lag behind the packer that announced it)."""
+        obj = await writer.get(self.api, NODES, name)
+        return has_failed(
+            None if obj is None else node_condition(obj), now, self.options.settings.node_grace
+        )
+
     async def on_node_failed(self, event: NodeFailed) -> None:
-        """Commit the engine's plan for a failed node; raising makes JetStream redeliver."""
+        """Commit the engine's plan for a failed node; raising makes JetStream redeliver.
+
+        The event is verified first: for a node that is Ready (or NotReady for less than the
+        grace) nothing happens, whoever published it.
+        """
+        if not await self._node_failed(event.node, utcnow()):
+            metrics.EVENTS_REFUSED.labels("NodeNotFailed").inc()
+            log.warning(
+                "NODE_FAILED refused: the node has not failed",
+                extra={"node": event.node, "reason": event.reason},
+            )
+            return
         async with self._lock:
             for attempt in range(self.options.conflict_retries):
                 now = utcnow()
@@ -429,7 +496,7 @@ class Resolver:
                     event.node,
                     leases,
                     state.runs,
-                    node_domains=self._node_domains(state, event.node),
+                    node_domains=failure_domains(state, event.node),
                     now=now,
                     restarts_used=self._restarts(),
                 )
@@ -458,17 +525,6 @@ class Resolver:
                 )
                 return
         raise RuntimeError(f"node {event.node}: the binder kept rejecting the failure plan")
-
-    @staticmethod
-    def _node_domains(state: ClusterState, failed: str) -> dict[str, DomainKey]:
-        """Healthy schedulable nodes (swap targets) plus the failed node when still known."""
-        domains = {node.name: node.domain for node in state.topology if node.schedulable}
-        node = state.topology.node(failed)
-        if node is not None:
-            domains[failed] = node.domain
-        else:
-            domains.pop(failed, None)
-        return domains
 
     def _record_failure(self, plan: FailurePlan, state: ClusterState) -> None:
         moves = len(plan.pod_moves)
@@ -501,10 +557,11 @@ class Resolver:
         )
 
 
-def _activated(view: rv.ReservationView, at: datetime) -> dict[str, str]:
-    """``activatedAt`` when the forecaster did not publish it (an ACTIVATE from elsewhere): the
-    activation instant is part of the seed, so it must be on record."""
-    return {} if view.activated_at is not None else {"activatedAt": rfc3339(at)}
+def _activated(at: datetime) -> dict[str, str]:
+    """``activatedAt`` in every status the resolver applies: the instant seeds the lottery, so it
+    stays on record (server-side apply drops a field its manager stops sending; the forecaster,
+    when it activated, holds the same value)."""
+    return {"activatedAt": rfc3339(at)}
 
 
 async def serve(cfg: ServiceConfig, options: ResolverOptions) -> int:

@@ -7,8 +7,9 @@ carries the version (``jobtree.v1.*``), and a breaking change gets a new subject
 
 Engine values (``RunRequest``, ``Funding``, ``Placement``, ``LeaseIntent``, ``PodIntent``) travel
 as they are, so a service never re-invents a parallel wire twin of a decision the engine made.
-msgspec encodes those frozen dataclasses field by field; note that it ignores (rather than rejects)
-unknown fields *inside* them — strictness is enforced on the envelope structs here.
+msgspec encodes those frozen dataclasses field by field but would ignore unknown fields inside
+them, so :func:`decode` walks the payload against the declared types and refuses an unknown field
+at any depth exactly like one at the top (``Object contains unknown field `x` - at `$.path```).
 
 The encoding is JSON: readable with ``nats sub``/``nats req`` while debugging, and fast enough with
 msgspec. Use :func:`encode` and :func:`decode` rather than msgspec directly, because the engine's
@@ -116,9 +117,13 @@ class LeaseEnd(Message, frozen=True, forbid_unknown_fields=True):
 class CommitRequest(Message, frozen=True, forbid_unknown_fields=True):
     """One atomic commit for the binder: lease ends and starts that belong together, all or none.
 
-    ``key`` is the idempotency key: re-sending the same commit is a no-op. ``version`` is the
-    snapshot version the proposal was computed on; the binder rejects stale ones.
-    ``budget_of`` maps each envelope key a lease names to its Budget object name.
+    ``key`` is the idempotency key: re-sending the same commit is a no-op, and the binder refuses
+    the key when it comes back with other content (``KeyReused``). ``version`` is the proposer's
+    cache version, recorded for diagnosis only: each service counts its own, so the binder judges
+    staleness by what the commit would do to its own view (``shared.control.commit_check``) and
+    whether it can justify every write (``shared.control.commit_trust``), not by this number.
+    ``run.uid`` is required for a commit that starts anything. ``budget_of`` maps each envelope
+    key a lease names to its Budget object name.
     """
 
     key: str
@@ -168,14 +173,13 @@ class ReserveReply(Message, frozen=True, forbid_unknown_fields=True):
 class ActivateRequest(Message, frozen=True, forbid_unknown_fields=True):
     """A Reservation reached ``earliestStart``: resolve contention and bind it.
 
-    ``at`` is the activation instant; with the reservation ``uid`` it seeds the lottery, so the
-    same request always replays the same draw.
+    It carries no time: the activation instant that seeds the lottery is the Reservation's own
+    ``status.activatedAt`` (written once), so whoever sends the request cannot choose the draw.
     """
 
     namespace: str
     name: str
     uid: str
-    at: datetime
 
 
 class ActivateReply(Message, frozen=True, forbid_unknown_fields=True):
@@ -253,10 +257,101 @@ def encode(msg: object) -> bytes:
     return _ENCODER.encode(msg)
 
 
+_INFO: dict[Any, msgspec.inspect.Type] = {}
+_NESTED: dict[Any, bool] = {}
+_RAW = msgspec.json.Decoder()
+
+
+def _info(type_: Any) -> msgspec.inspect.Type:
+    found = _INFO.get(type_)
+    if found is None:
+        found = _INFO[type_] = msgspec.inspect.type_info(type_)
+    return found
+
+
+def _children(info: msgspec.inspect.Type) -> tuple[msgspec.inspect.Type, ...]:
+    """The types directly inside a container, union or object type."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.DataclassType | mi.StructType):
+        return tuple(f.type for f in info.fields)
+    if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        return (info.item_type,)
+    if isinstance(info, mi.TupleType):
+        return tuple(info.item_types)
+    if isinstance(info, mi.DictType):
+        return (info.value_type,)
+    if isinstance(info, mi.UnionType):
+        return tuple(info.types)
+    return ()
+
+
+def _has_dataclass(info: msgspec.inspect.Type, seen: frozenset[int] = frozenset()) -> bool:
+    """Whether a dataclass (lenient about unknown fields) sits anywhere inside ``info``."""
+    if isinstance(info, msgspec.inspect.DataclassType):
+        return True
+    if id(info) in seen:
+        return False
+    inner = seen | {id(info)}
+    return any(_has_dataclass(child, inner) for child in _children(info))
+
+
+def _unknown_field(raw: Any, info: msgspec.inspect.Type, path: str) -> str | None:
+    """The first unknown field of ``raw`` against ``info`` (JSON path), None when all are known.
+
+    Only the shape is walked here; types and values are the typed decoder's to judge.
+    """
+    mi = msgspec.inspect
+    if isinstance(info, mi.DataclassType | mi.StructType):
+        if not isinstance(raw, dict):
+            return None
+        fields = {f.encode_name: f for f in info.fields}
+        for name in raw:
+            if name not in fields:
+                return f"Object contains unknown field `{name}` - at `{path}`"
+        for name, value in raw.items():
+            bad = _unknown_field(value, fields[name].type, f"{path}.{name}")
+            if bad is not None:
+                return bad
+        return None
+    if isinstance(info, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        if isinstance(raw, list):
+            for i, item in enumerate(raw):
+                bad = _unknown_field(item, info.item_type, f"{path}[{i}]")
+                if bad is not None:
+                    return bad
+        return None
+    if isinstance(info, mi.TupleType):
+        if isinstance(raw, list):
+            for i, (item, sub) in enumerate(zip(raw, info.item_types, strict=False)):
+                bad = _unknown_field(item, sub, f"{path}[{i}]")
+                if bad is not None:
+                    return bad
+        return None
+    if isinstance(info, mi.DictType):
+        if isinstance(raw, dict):
+            for key, value in raw.items():
+                bad = _unknown_field(value, info.value_type, f"{path}[{key!r}]")
+                if bad is not None:
+                    return bad
+        return None
+    if isinstance(info, mi.UnionType) and isinstance(raw, dict | list):
+        for member in info.types:
+            if isinstance(raw, dict) == isinstance(member, mi.DataclassType | mi.StructType):
+                return _unknown_field(raw, member, path)
+    return None
+
+
 def decode(data: bytes, type_: type[T]) -> T:
     """Decode strictly into ``type_``; raises ``msgspec.DecodeError`` (or its subclass
-    ``msgspec.ValidationError``) on malformed JSON, wrong types or unknown fields."""
+    ``msgspec.ValidationError``) on malformed JSON, wrong types or unknown fields at any depth."""
     result: T = _decoder(type_).decode(data)
+    nested = _NESTED.get(type_)
+    if nested is None:
+        nested = _NESTED[type_] = _has_dataclass(_info(type_))
+    if nested:
+        bad = _unknown_field(_RAW.decode(data), _info(type_), "$")
+        if bad is not None:
+            raise msgspec.ValidationError(bad)
     return result
 
 

@@ -50,7 +50,7 @@ from shared.engine.bindplan import (
 from shared.engine.deficit import capacity_deficit
 from shared.engine.failures import FailurePlan, NewLease
 from shared.engine.forecast import forecast, request_scope, usage_at
-from shared.engine.model import Lease, LeaseReason, Role, RunKey, RunRequest
+from shared.engine.model import DomainKey, Lease, LeaseReason, Role, RunKey, RunRequest
 from shared.engine.resolver import Remedies, Resolution, Scope, remedies, resolve
 from shared.engine.state import ClusterState
 from shared.engine.topology import Topology
@@ -460,6 +460,18 @@ def swap_intents(
 def _world_size(run: RunKey, leases: Iterable[Lease | LeaseIntent]) -> int:
     ranks = [x.rank for x in leases if x.run == run and x.role is not Role.SPARE and x.rank >= 0]
     return max(ranks, default=-1) + 1
+
+
+def failure_domains(state: ClusterState, failed: str) -> dict[str, DomainKey]:
+    """``on_node_failure``'s ``node_domains``: healthy schedulable nodes (swap targets) plus the
+    failed node when still known."""
+    domains = {node.name: node.domain for node in state.topology if node.schedulable}
+    node = state.topology.node(failed)
+    if node is not None:
+        domains[failed] = node.domain
+    else:
+        domains.pop(failed, None)
+    return domains
 
 
 def failure_commits(

@@ -30,7 +30,7 @@ from shared.engine.accounting import Meter, Usage, usage_from_ledger
 from shared.engine.admit import claim_protection
 from shared.engine.bindplan import LeaseIntent, PodIntent, pod_name
 from shared.engine.capacity import Exclusion, Load, exclusion, short_resource, slots
-from shared.engine.cover import _hours_left, window_allows
+from shared.engine.cover import hours_left, window_allows
 from shared.engine.fill import spare_room
 from shared.engine.model import (
     NO_NEEDS,
@@ -74,6 +74,20 @@ class ConflictReason(StrEnum):
     AGGREGATE_CAP = "AggregateCap"
     PROTECTED = "ProtectedReservation"
     POD_FIT = "PodDoesNotFit"
+    # Trust (``shared.control.commit_trust``): what the binder cannot justify from its caches.
+    RUN_NOT_FOUND = "RunNotFound"
+    STALE_RUN = "StaleRun"
+    RUN_DELETING = "RunDeleting"
+    UNAUTHORIZED = "Unauthorized"
+    DEPENDENCIES = "Dependencies"
+    OWNER = "OwnerMismatch"
+    PAYER = "IneligiblePayer"
+    PLACEMENT = "Placement"
+    START_TIME = "StartTime"
+    POD_GPUS = "PodGPUs"
+    RESERVATION = "UnverifiedReservation"
+    UNJUSTIFIED = "UnjustifiedEnd"
+    KEY_REUSED = "KeyReused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,8 +487,8 @@ def _hours_over(
     stay ≥ 0, or not shrink when it was already negative (unbounded leases keep growing past
     their default): a commit that adds nothing net, like a swap, is never refused for hours.
     """
-    left_was = _hours_left(limit, was, default_hours)
-    left = _hours_left(limit, will, default_hours)
+    left_was = hours_left(limit, was, default_hours)
+    left = hours_left(limit, will, default_hours)
     if left >= min(0.0, left_was) - _HOURS_SLACK:
         return None
     return limit - left_was, left_was - left

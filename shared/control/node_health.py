@@ -67,6 +67,26 @@ def node_condition(obj: Mapping[str, Any]) -> NodeCondition:
     return NodeCondition(name, ready, since)
 
 
+def has_failed(
+    node: NodeCondition | None,
+    now: datetime,
+    grace: timedelta = DEFAULT_GRACE,
+    first_seen: datetime | None = None,
+) -> bool:
+    """The failure rule for one node: deleted (``None``), or not Ready for at least ``grace``,
+    counted from its Ready condition's last transition, else from ``first_seen``.
+
+    The packer announces failures with it and the resolver and the binder re-check a claimed
+    failure with it, so a forged ``NODE_FAILED`` for a healthy node changes nothing.
+    """
+    if node is None:
+        return True
+    if node.ready:
+        return False
+    since = node.since if node.since is not None else first_seen
+    return since is not None and now - since >= grace
+
+
 def _no_times() -> Mapping[str, datetime]:
     return MappingProxyType({})
 
@@ -105,13 +125,12 @@ def evaluate(
             continue
         seen = state.first_seen.get(name, now)
         first_seen[name] = seen
+        if not has_failed(node, now, grace, seen):
+            continue
         if node is None:
             failure = NodeFailure(name, NODE_DELETED, seen)
         else:
-            since = node.since if node.since is not None else seen
-            if now - since < grace:
-                continue
-            failure = NodeFailure(name, NOT_READY, since)
+            failure = NodeFailure(name, NOT_READY, node.since or seen)
         if name not in reported:
             reported.add(name)
             failures.append(failure)

@@ -176,7 +176,7 @@ def gpus_for_hours(remaining_gpu_hours: float, hours: float) -> int:
     return max(0, math.floor(remaining_gpu_hours / hours + _EPS))
 
 
-def _hours_left(limit: float, used: Meter, default_hours: float) -> float:
+def hours_left(limit: float, used: Meter, default_hours: float) -> float:
     """GPU-hours not consumed nor promised to open leases (unbounded ones: one default more)."""
     return limit - used.gpu_hours - used.committed_gpu_hours - used.unbounded_gpus * default_hours
 
@@ -186,7 +186,7 @@ def envelope_limit(envelope: Envelope, usage: Usage, hours: float, default_hours
     used = usage.envelope(envelope.key).total
     gpus = envelope.concurrency - used.gpus
     if envelope.max_gpu_hours is not None:
-        left = _hours_left(envelope.max_gpu_hours, used, default_hours)
+        left = hours_left(envelope.max_gpu_hours, used, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -198,7 +198,7 @@ def cap_limit(cap: AggregateCap, usage: Usage, hours: float, default_hours: floa
     if cap.max_concurrency is not None:
         gpus = cap.max_concurrency - used.gpus
     if cap.max_gpu_hours is not None:
-        left = _hours_left(cap.max_gpu_hours, used, default_hours)
+        left = hours_left(cap.max_gpu_hours, used, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -213,7 +213,7 @@ def lend_limit(envelope: Envelope, usage: Usage, hours: float, default_hours: fl
     if lending.max_concurrency is not None:
         gpus = lending.max_concurrency - lent.gpus
     if lending.max_gpu_hours is not None:
-        left = _hours_left(lending.max_gpu_hours, lent, default_hours)
+        left = hours_left(lending.max_gpu_hours, lent, default_hours)
         gpus = min(gpus, gpus_for_hours(left, hours))
     return max(0, gpus)
 
@@ -372,8 +372,13 @@ def _order(request: RunRequest, family: Family, sponsors: tuple[str, ...]) -> _O
     )
 
 
-def cover_order(request: RunRequest, family: Family) -> tuple[_Entry, ...]:
-    """(envelope key, envelope, funding kind) in the order cover draws on them."""
+def payers(request: RunRequest, family: Family) -> tuple[_Entry, ...]:
+    """Every envelope that may pay for the Run, in cover order, with its funding class.
+
+    The family steps and the sponsor step of the module docstring, before windows, headroom and
+    the lenders' ACLs (a sponsor listed here still needs ``lends_to``). Cover draws its offers
+    from this order and the binder checks a commit's payers against it, so both apply one rule.
+    """
     return tuple(_cached_order(request, family).walk())
 
 
@@ -464,8 +469,8 @@ def cover(
         used = ZERO if eu is None else eu.total
         gpus = env.concurrency - used.gpus
         if env.max_gpu_hours is not None and gpus > 0:
-            hours_left = _hours_left(env.max_gpu_hours, used, default_hours)
-            gpus = min(gpus, gpus_for_hours(hours_left, hours))
+            hours_to_spend = hours_left(env.max_gpu_hours, used, default_hours)
+            gpus = min(gpus, gpus_for_hours(hours_to_spend, hours))
         if gpus <= 0:
             continue
         keys: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -185,7 +186,7 @@ SAMPLES: list[Any] = [
         shortfall=8,
     ),
     ReserveReply(reservation="llm-pretrain-res", earliest_start=T0, confidence="walltime"),
-    ActivateRequest(namespace="team-a", name="llm-pretrain-res", uid="r-uid", at=T0),
+    ActivateRequest(namespace="team-a", name="llm-pretrain-res", uid="r-uid"),
     ActivateReply(released=True, seed="ab12" * 16, message="bound after 1 draw"),
     ActivateReply(released=False, seed=None, message="deficit 8 left"),
     NodeFailed(node="n7", at=T0, reason="NotReady"),
@@ -228,6 +229,41 @@ def test_placement_survives_with_its_derived_views() -> None:
 def test_unknown_field_is_rejected() -> None:
     with pytest.raises(msgspec.ValidationError, match="unknown field `extra`"):
         decode(b'{"namespace": "a", "name": "b", "extra": 1}', RunChanged)
+
+
+@pytest.mark.parametrize(
+    ("message", "path"),
+    [
+        # An engine value inside an envelope struct (a dataclass: msgspec alone would ignore it).
+        (lambda: PlanRequest(run=RUN, request=REQUEST, funding=FUNDING), ("request",)),
+        # Deeper: an offer's envelope's lending terms, inside the funding.
+        (
+            lambda: PlanRequest(run=RUN, request=REQUEST, funding=FUNDING),
+            ("funding", "offers", 0, "envelope", "lending"),
+        ),
+        # A lease and a pod of a commit.
+        (lambda: CommitRequest(key="k", run=RUN, version=1, leases=[LEASE]), ("leases", 0)),
+        (lambda: CommitRequest(key="k", run=RUN, version=1, pods=[POD]), ("pods", 0)),
+        # A slice of a placement in a reply.
+        (
+            lambda: PlanReply(version=1, placement=PLACEMENT),
+            ("placement", "groups", 0, "slices", 1),
+        ),
+    ],
+)
+def test_unknown_fields_inside_nested_values_are_rejected_too(
+    message: Any, path: tuple[str | int, ...]
+) -> None:
+    msg = message()
+    doc = json.loads(encode(msg))
+    target = doc
+    for step in path:
+        target = target[step]
+    target["smuggled"] = True
+    where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    with pytest.raises(msgspec.ValidationError, match=re.escape(f"`smuggled` - at `{where}`")):
+        decode(json.dumps(doc).encode(), type(msg))
+    assert decode(encode(msg), type(msg)) == msg
 
 
 def test_wrong_field_type_is_rejected() -> None:

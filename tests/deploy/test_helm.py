@@ -449,7 +449,7 @@ CAN_I: list[tuple[str, tuple[str, ...], str | None, set[str]]] = [
     ("create", ("reservations.rq.davidlangworthy.io",), "team-a", {"forecast"}),
     ("patch", ("reservations.rq.davidlangworthy.io", "--subresource=status"), "team-a",
      {"forecast", "resolver"}),
-    ("list", ("namespaces",), None, {"admission"}),
+    ("list", ("namespaces",), None, {"admission", "binder"}),  # both read the owners annotation
     ("list", ("pods",), "team-a", set(SERVICES)),
     ("watch", ("pods",), None, set(SERVICES)),
     ("create", ("events",), "team-a", set(SERVICES)),

@@ -6,6 +6,9 @@ it is registered with the API server for the ``sec-hooked*`` namespaces only, so
 be tried both through the webhook and around it (the reconcile and the binder must refuse it
 too). Package scope: the processes stop when this package's tests are done, before other
 packages create Runs of their own.
+
+The commit and event attacks run against the whole local stack instead (the e2e ``stack``: its
+own nats-server, control plane and the five services), as a compromised peer would.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
 from shared.localenv.processes import free_port
 from tests.conftest import ensure_namespace
+from tests.e2e.conftest import clean, pytest_runtest_makereport, stack
 from tests.service import helpers as h
+
+__all__ = ["clean", "pytest_runtest_makereport", "stack"]
 
 OWNER = "sec:team"
 REGION = "sec-r"

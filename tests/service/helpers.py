@@ -112,15 +112,18 @@ def fleet_with_budgets(
     count: int,
     labels: dict[str, str],
     *budgets: dict[str, Any],
+    owners: str = "nobody",
 ) -> list[str]:
-    """KWOK nodes of the test flavor and the module's Budgets, in a namespace admission ignores.
+    """KWOK nodes of the test flavor and the module's Budgets, in a namespace for ``owners``.
 
-    The namespace speaks for nobody, so no admission service acts on the module's Runs.
+    By default the namespace speaks for nobody, so no admission service acts on the module's
+    Runs. Modules that send commits by hand name their owners: the binder starts nothing for a
+    Run whose namespace may not name its owner.
     """
     names = add_nodes(kube, prefix, count, **labels, **{"gpu.flavor": FLAVOR})
     for budget in budgets:
         apply(kube, budget)
-    kube.kubectl("annotate", "--overwrite", "namespace", namespace, f"{GROUP}/owners=nobody")
+    kube.kubectl("annotate", "--overwrite", "namespace", namespace, f"{GROUP}/owners={owners}")
     return names
 
 

@@ -11,7 +11,7 @@ import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from shared.bus import (
 from shared.engine.bindplan import BindIntent
 from shared.engine.model import LeaseReason
 from shared.engine.state import Settings
+from shared.kube.translate import rfc3339
 from shared.localenv.controlplane import ControlPlane
 from shared.localenv.natsserver import NatsServer
 
@@ -96,7 +97,7 @@ def set_pod_phase(kube: ControlPlane, namespace: str, pod: str, phase: str) -> N
 def fleet(crds: ControlPlane, namespace: str) -> list[str]:
     """Four 8-GPU KWOK nodes and a Budget whose envelope allows 24 GPUs at once."""
     budget = h.budget_manifest("bt-budget", OWNER, "bind-r", 24)
-    return h.fleet_with_budgets(crds, namespace, "bind", 4, LABELS, budget)
+    return h.fleet_with_budgets(crds, namespace, "bind", 4, LABELS, budget, owners=OWNER)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -343,9 +344,14 @@ async def test_a_swap_commit_moves_the_ranks_pod_to_another_node(
     assert (await send(client, h.commit_request(run, first))).ok
     await h.eventually(lambda: _assert_count(h.pod_items(crds, namespace, "theta"), 1))
     swap = plan(run, [(fleet[3], 4)], reason=LeaseReason.SWAP)
-    reply = await send(
-        client, h.commit_request(run, swap, ends=[(first.leases[0].name, "NodeFailure")])
+    moving = h.commit_request(
+        run, swap, reason=f"NodeFailure:{fleet[1]}", ends=[(first.leases[0].name, "NodeFailure")]
     )
+    # A swap is justified only by a node the binder itself sees failed.
+    refused = await send(client, moving)
+    assert refused.conflict.startswith("UnjustifiedEnd: "), refused.conflict
+    crds.kubectl("delete", "node", fleet[1])
+    reply = await send(client, moving)
     assert reply.ok, reply.conflict
     assert reply.ended == [first.leases[0].name]
 
@@ -360,6 +366,7 @@ async def test_a_swap_commit_moves_the_ranks_pod_to_another_node(
     assert closures([by_name[swap.leases[0].name]]) == {None}
     crds.kubectl("delete", h.RUNS, "-n", namespace, "theta", "--wait=false")
     await h.eventually(lambda: _assert_count(h.pod_items(crds, namespace, "theta"), 0))
+    h.add_nodes(crds, "bind", 4, **LABELS, **{"gpu.flavor": h.FLAVOR})
 
 
 async def test_deleting_the_run_cancels_its_leases_and_keeps_them(
@@ -417,6 +424,7 @@ async def test_gpus_promised_to_a_reservation_are_only_for_its_activation(
             nodes=[fleet[0]],
             gpus=8,
             paying_envelope=ENVELOPE,
+            earliest_start=rfc3339(datetime.now(UTC).replace(microsecond=0)),
         ),
     )
     # Another run may not take the promised node …
@@ -434,10 +442,16 @@ async def test_gpus_promised_to_a_reservation_are_only_for_its_activation(
         reply = await protected()
     assert reply.conflict.startswith("ProtectedReservation: "), reply.conflict
     assert run_leases(crds, namespace, "eta") == []
-    # … but the reservation's own activation may.
+    # … but the reservation's own activation may, once it is Active (and only then).
     activation = h.commit_request(
         owner_run, plan(owner_run, [(fleet[0], 8)]), reason=f"Reservation:{namespace}/zeta-resv"
     )
+    reply = await send(client, activation)
+    assert reply.conflict.startswith("UnverifiedReservation: "), reply.conflict
+    crds.kubectl(
+        "patch", h.RESERVATIONS, "zeta-resv", "-n", namespace, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": {"state": "Active"}}),
+    )  # fmt: skip
     reply = await send(client, activation)
     assert reply.ok, reply.conflict
     assert len(run_leases(crds, namespace, "zeta")) == 1
@@ -477,7 +491,13 @@ async def test_pods_on_a_lost_node_are_deleted_outright(
     crds.kubectl("delete", "node", fleet[2])
     # The resolver's answer to the failure, when the run cannot be swapped: end the lease.
     reply = await send(
-        client, h.commit_request(run, plan(run, []), ends=[(intent.leases[0].name, "NodeFailure")])
+        client,
+        h.commit_request(
+            run,
+            plan(run, []),
+            reason=f"NodeFailure:{fleet[2]}",
+            ends=[(intent.leases[0].name, "NodeFailure")],
+        ),
     )
     assert reply.ok, reply.conflict
     # No kubelet is left to confirm a graceful delete: the binder deletes the pod outright.

@@ -11,11 +11,14 @@ real ``Binder`` starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
+import msgspec.structs
 import nats
 import pytest
 import pytest_asyncio
@@ -46,7 +49,7 @@ def replays(result: str) -> float:
 @pytest.fixture(scope="module")
 def fleet(crds: ControlPlane, namespace: str) -> list[str]:
     budget = h.budget_manifest("jt-budget", OWNER, "jrnl-r", 96)
-    return h.fleet_with_budgets(crds, namespace, "jrnl", 9, LABELS, budget)
+    return h.fleet_with_budgets(crds, namespace, "jrnl", 9, LABELS, budget, owners=OWNER)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -123,6 +126,15 @@ async def test_a_binder_completes_the_commit_a_crashed_binder_left_half_written(
     gone_commit, _ = commit_for(gone, fleet[2:3])
     await journal.record(gone_commit)
     crds.kubectl("delete", h.RUNS, "-n", namespace, "gone")
+    # And an entry someone else wrote into the journal: a back-dated start. Replays are checked
+    # like any commit, at the instant the NATS server stored the entry.
+    injected = h.create_run(crds, namespace, "injected", OWNER, 8)
+    injected_commit, _ = commit_for(injected, fleet[3:4])
+    backdated = [
+        dataclasses.replace(lease, start=lease.start - timedelta(hours=3))
+        for lease in injected_commit.leases
+    ]
+    await journal.record(msgspec.structs.replace(injected_commit, leases=backdated))
     completed, dropped = replays("completed"), replays("dropped")
 
     # Serves only once the journal is replayed.
@@ -134,9 +146,11 @@ async def test_a_binder_completes_the_commit_a_crashed_binder_left_half_written(
         assert all(not (le.get("status") or {}).get("closed") for le in leases), leases
         assert pods_of(crds, namespace, "crashed") == {"0": fleet[0], "1": fleet[1]}
         assert h.lease_items(crds, namespace, "gone") == [], "a gone Run's commit was applied"
+        assert h.lease_items(crds, namespace, "injected") == [], "an injected entry was applied"
+        assert h.pod_items(crds, namespace, "injected") == []
         assert await journal.pending() == []
         assert replays("completed") == completed + 1
-        assert replays("dropped") == dropped + 1
+        assert replays("dropped") == dropped + 2
 
         # The proposer re-sending the commit finds it applied; an applied commit leaves no entry.
         async with h.bus_client(nats_server, "journal-test-client") as client:

@@ -124,7 +124,7 @@ def fleet(crds: ControlPlane, namespace: str) -> list[str]:
         h.budget_manifest(owner.replace(":", "-"), owner, REGION, 64)
         for owner in ("org:rstest:big", "org:rstest:lab", "org:rstest:ops")
     ]
-    return h.fleet_with_budgets(crds, namespace, "rs", 6, LABELS, *budgets)
+    return h.fleet_with_budgets(crds, namespace, "rs", 6, LABELS, *budgets, owners="org:rstest:*")
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -144,10 +144,16 @@ async def client(nats_server: NatsServer, services: Resolver) -> AsyncIterator[S
         yield runtime
 
 
-async def activate(client: ServiceRuntime, resv: dict[str, Any], at: datetime) -> ActivateReply:
+async def activate(client: ServiceRuntime, resv: dict[str, Any]) -> ActivateReply:
+    """ACTIVATE names the Reservation only: the instant comes from the Reservation itself."""
     meta = resv["metadata"]
-    req = ActivateRequest(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], at=at)
+    req = ActivateRequest(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
     return await client.request(ACTIVATE, req, timeout=60)
+
+
+DUE = datetime(2025, 1, 6, 9, tzinfo=UTC)
+"""``earliestStart`` of the administrator Reservations here: with no ``activatedAt`` published
+by a forecaster, the resolver records this instant as the activation time (it seeds the lottery)."""
 
 
 # --------------------------------------------------------------------------- tests
@@ -158,7 +164,7 @@ async def test_activation_binds_when_the_run_fits_on_its_slice(
 ) -> None:
     make_run(crds, namespace, "fits", "org:rstest:ops", 8)
     resv = admin_reservation(crds, namespace, "fits-resv", "fits", ["rs-04"])
-    reply = await activate(client, resv, datetime.now(UTC).replace(microsecond=0))
+    reply = await activate(client, resv)
     assert reply.released and reply.seed is None, reply
 
     def released() -> dict[str, Any]:
@@ -175,7 +181,7 @@ async def test_activation_binds_when_the_run_fits_on_its_slice(
     pod = h.get_json(crds, "pods", "-n", namespace, "fits-g0-r0")
     assert pod["spec"]["nodeName"] == "rs-04"
     # Idempotent: a re-sent ACTIVATE answers from the Reservation and commits nothing new.
-    again = await activate(client, resv, datetime.now(UTC))
+    again = await activate(client, resv)
     assert again.released and again.message == "already released"
     assert len(open_leases_of(crds, namespace, "fits")) == 1
 
@@ -209,12 +215,11 @@ async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit
     resv = admin_reservation(crds, namespace, "big-resv", "big", ["rs-01", "rs-02"])
     await cached(services, shrunk, kept, drawn)
     draws_before = h.sample("jobtree_lottery_draws_total")
-    at = datetime.now(UTC).replace(microsecond=0)
     caplog.set_level(logging.INFO, logger="services.resolver.service")
 
-    reply = await activate(client, resv, at)
+    reply = await activate(client, resv)
 
-    seed = lottery_seed(SCOPE, resv["metadata"]["uid"], at)
+    seed = lottery_seed(SCOPE, resv["metadata"]["uid"], DUE)
     assert reply.released and reply.seed == seed, reply
     assert lease(crds, shrunk)["status"]["closureReason"] == "Shrink"
     assert lease(crds, drawn)["status"]["closureReason"] == f"RandomPreempt({seed})"
@@ -261,11 +266,32 @@ async def test_activation_shrinks_then_draws_the_lottery_and_publishes_the_audit
         "patch", h.RESERVATIONS, "big-resv", "-n", namespace, "--subresource=status",
         "--type=merge", "-p", json.dumps({"status": {"state": "Active"}}),
     )  # fmt: skip
-    retry = await activate(client, resv, at)
+    retry = await activate(client, resv)
     assert retry.released and "already holds leases" in retry.message
     after = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "big-resv")["status"]
     assert after["state"] == "Released" and after["reason"] == "AlreadyRunning"
     assert after["audit"]["seed"] == seed and after["audit"]["draws"]
+    assert after["activatedAt"] == "2025-01-06T09:00:00Z"
+
+
+async def test_an_early_activate_is_refused_and_changes_nothing(
+    crds: ControlPlane, namespace: str, client: ServiceRuntime
+) -> None:
+    make_run(crds, namespace, "early", "org:rstest:ops", 8)
+    h.apply(
+        crds,
+        h.reservation_manifest(
+            namespace, "early-resv", run="early", labels=DOMAIN, nodes=["rs-04"]
+        ),  # due in 2099
+    )
+    resv = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "early-resv")
+    before = h.sample("jobtree_resolver_activations_total", outcome="Early")
+    reply = await activate(client, resv)
+    assert not reply.released and reply.message.startswith("Early: "), reply
+    assert h.sample("jobtree_resolver_activations_total", outcome="Early") == before + 1
+    after = h.get_json(crds, h.RESERVATIONS, "-n", namespace, "early-resv")
+    assert "activatedAt" not in (after.get("status") or {}), after.get("status")
+    assert open_leases_of(crds, namespace, "early") == []
 
 
 async def cached(resolver: Resolver, *leases: str) -> None:
@@ -293,6 +319,21 @@ async def test_node_failure_swaps_the_rank_onto_its_spare(
     active = hold(crds, train, "rs-05")
     spare = hold(crds, train, "rs-06", role=Role.SPARE)
     await cached(services, active, spare)
+    # A NODE_FAILED for a node that is Ready is a claim the resolver does not believe.
+    refused = h.sample("jobtree_resolver_events_refused_total", reason="NodeNotFailed")
+    await client.publish(NODE_FAILED, NodeFailed(node="rs-05", at=datetime.now(UTC), reason="test"))
+
+    def dropped() -> None:
+        got = h.sample("jobtree_resolver_events_refused_total", reason="NodeNotFailed")
+        assert got == refused + 1
+
+    await h.eventually(dropped)
+    assert {x["metadata"]["name"] for x in open_leases_of(crds, namespace, "train")} == {
+        active,
+        spare,
+    }
+    # The node really fails (deleted): now the same event swaps the rank onto its spare.
+    crds.kubectl("delete", "node", "rs-05")
     await client.publish(NODE_FAILED, NodeFailed(node="rs-05", at=datetime.now(UTC), reason="test"))
 
     def swapped() -> dict[str, Any]:
@@ -308,6 +349,7 @@ async def test_node_failure_swaps_the_rank_onto_its_spare(
     pod = await h.eventually(lambda: h.get_json(crds, "pods", "-n", namespace, "train-g0-r0"))
     assert pod["spec"]["nodeName"] == "rs-06"
     assert h.sample("jobtree_resolver_actions_total", kind="Swap") >= 1
+    h.add_nodes(crds, "rs", 6, **LABELS, **{"gpu.flavor": h.FLAVOR})
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from shared.control.node_health import (
     HealthState,
     NodeCondition,
     evaluate,
+    has_failed,
     next_due,
     node_condition,
 )
@@ -122,3 +123,15 @@ def test_node_condition_reads_the_ready_condition() -> None:
         },
     }
     assert node_condition(bad_time) == NodeCondition("a", False, None)
+
+
+def test_one_nodes_failure_is_judged_by_the_same_rule_the_resolver_and_binder_re_check() -> None:
+    """A claimed failure (``NODE_FAILED``, a ``NodeFailure:`` commit) holds only for a deleted
+    node or one NotReady for the whole grace; Ready, or NotReady too briefly, is healthy."""
+    assert has_failed(None, T0, GRACE)
+    assert not has_failed(NodeCondition("n", True, T0 - 10 * GRACE), T0, GRACE)
+    assert not has_failed(NodeCondition("n", False, T0 - GRACE + S), T0, GRACE)
+    assert has_failed(NodeCondition("n", False, T0 - GRACE), T0, GRACE)
+    # Without a transition time only an observation of its own can start the clock.
+    assert not has_failed(NodeCondition("n", False), T0, GRACE)
+    assert has_failed(NodeCondition("n", False), T0, GRACE, first_seen=T0 - GRACE)

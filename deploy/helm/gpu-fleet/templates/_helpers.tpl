@@ -257,6 +257,10 @@ One service container: (dict "root" $ "service" "binder").
       value: /etc/jobtree/webhook/tls.key
     {{- end }}
     {{- end }}
+    {{- if and (eq $name "binder") $root.Values.services.admission.defaultOwnerGlobs }}
+    - name: JOBTREE_DEFAULT_OWNER_GLOBS
+      value: {{ $root.Values.services.admission.defaultOwnerGlobs | quote }}
+    {{- end }}
     {{- if eq $name "binder" }}
     - name: JOBTREE_LEADER_ELECT
       value: {{ $svc.leaderElect | quote }}
