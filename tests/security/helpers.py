@@ -20,11 +20,20 @@ T = TypeVar("T")
 FLAVOR = "H100-80GB"
 
 
-def on_bus(stack: LocalStack, act: Callable[[ServiceRuntime], Awaitable[T]]) -> T:
-    """Run ``act`` with a bus client of its own (the compromised peer) and return its result."""
+def on_bus(
+    stack: LocalStack,
+    act: Callable[[ServiceRuntime], Awaitable[T]],
+    identity: str = "admission",
+) -> T:
+    """Run ``act`` as a compromised peer: a bus client of its own holding ``identity``'s NATS
+    credentials, so it may publish what that service may (admission and the resolver may send
+    commits); the binder's checks, not the bus permissions, must stop it. Returns its result."""
+    assert stack.nats is not None
 
     async def main() -> T:
-        runtime = ServiceRuntime("attacker", nats_url=stack.nats_url)
+        runtime = ServiceRuntime(
+            identity, nats_url=stack.nats_url, credentials=stack.nats.credentials(identity)
+        )
         await runtime.start()
         try:
             return await act(runtime)

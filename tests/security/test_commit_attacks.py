@@ -229,7 +229,7 @@ def test_a_replayed_commit_key_with_different_content_is_refused(
         finally:
             await sub.unsubscribe()
 
-    honest = on_bus(stack, capture)
+    honest = on_bus(stack, capture, identity="binder")  # only the binder may read commits
     wait_running(stack, VICTIM_NS, "honest", 8)
     running_pods(stack, VICTIM_NS, "honest", 1)
     before = world(stack, NAMESPACES)

@@ -91,7 +91,7 @@ def test_a_forged_node_failed_for_a_healthy_node_changes_nothing(
         event = NodeFailed(node=node, at=datetime.now(UTC), reason="NodeDeleted")
         await runtime.publish(NODE_FAILED, event)
 
-    on_bus(stack, forge)
+    on_bus(stack, forge, identity="packer")  # the only publisher of NODE_FAILED
 
     def dropped() -> None:
         got = sample(
@@ -111,7 +111,7 @@ def test_an_early_activate_is_refused(stack: LocalStack, scene: dict[str, Any]) 
         req = ActivateRequest(namespace=NS, name=meta["name"], uid=meta["uid"])
         return await runtime.request(ACTIVATE, req, timeout=30)
 
-    reply = on_bus(stack, activate)
+    reply = on_bus(stack, activate, identity="forecast")  # the only sender of ACTIVATE
     assert not reply.released and reply.seed is None, reply
     assert reply.message.startswith("Early: "), reply.message
     unchanged(stack, before, NAMESPACES)
@@ -131,7 +131,7 @@ def test_an_activate_carrying_a_chosen_time_is_refused(
         msg = await runtime.nc.request(ACTIVATE.name, json.dumps(payload).encode(), timeout=30)
         return dict(msg.headers or {}), msg.data
 
-    headers, data = on_bus(stack, send)
+    headers, data = on_bus(stack, send, identity="forecast")
     assert "unknown field `at`" in headers.get(ERROR_HEADER, ""), (headers, data)
     assert headers.get(ERROR_CODE_HEADER) == "400" and not data, (headers, data)
     unchanged(stack, before, NAMESPACES)
