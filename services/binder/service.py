@@ -72,6 +72,7 @@ from shared.control.commit_check import (
     PodKey,
     PodState,
     Rejection,
+    assumed_pods,
     intent_lease,
     ledger_view,
     plan_commit,
@@ -493,13 +494,19 @@ class Binder:
             counted = [intent_lease(intent) for intent in plan.creates]
             if counted:
                 self._inflight = self._inflight.with_commit(counted, [])
+            assumed = assumed_pods(changes.create, state)
+            self.cache.assume_pods(assumed)
         created: set[str] = set()
+        reply: CommitReply | None = None
         try:
-            return await self._write_commit(req, plan, changes, pod_states, now, created)
+            reply = await self._write_commit(req, plan, changes, pod_states, now, created)
+            return reply
         finally:
             self._inflight = self._inflight.forget(
                 lease.name for lease in counted if lease.name not in created
             )
+            if reply is None or not reply.ok:
+                self.cache.forget_pods(assumed)
 
     async def _write_commit(
         self,

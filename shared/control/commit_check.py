@@ -46,6 +46,7 @@ from shared.engine.model import (
     RunRequest,
 )
 from shared.engine.state import ClusterState
+from shared.engine.topology import PodChange, pod_use
 from shared.engine.topology import occupancy as node_occupancy
 
 RESERVATION_REASON_PREFIX = "Reservation:"
@@ -327,6 +328,19 @@ def _check_nodes(
                     f"Reservation, {before} held; the commit needs {after - before} more",
                 )
     return None
+
+
+def assumed_pods(creates: Iterable[PodIntent], state: ClusterState) -> tuple[PodChange, ...]:
+    """The pods an accepted commit will create, as the pod watch will count them (``namespace/
+    name`` on their node; GPUs 0, since their leases hold those), so the binder counts their CPU,
+    memory, storage and pod slot at once instead of when the watch shows them."""
+    out: list[PodChange] = []
+    for pod in creates:
+        request = state.runs.get(pod.run)
+        needs = request.pod if request is not None else NO_NEEDS
+        use = pod_use((0, needs.cpu, needs.memory, needs.ephemeral))
+        out.append((f"{pod.run[0]}/{pod.name}", pod.node, use))
+    return tuple(out)
 
 
 def _pod_misfit(node: Node, load: Load, new: Sequence[Lease], state: ClusterState) -> str | None:

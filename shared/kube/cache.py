@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
 from typing import Literal
@@ -33,7 +33,7 @@ from shared.engine.capacity import PodUse
 from shared.engine.family import Family
 from shared.engine.model import Budget, Lease, Node, ReservationClaim, RunKey, RunRequest
 from shared.engine.state import ClusterState, Settings
-from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, Topology
+from shared.engine.topology import DEFAULT_GPU_RESOURCE, MissingLabels, PodChange, Topology
 from shared.kube.informer import EventType, Informer, Listener, Obj
 from shared.kube.resources import (
     BUDGETS,
@@ -358,6 +358,22 @@ class ClusterCache:
         if now is not None:
             changes.append((key, now[0], now[1]))
         self._edit(lambda t: t.with_pods(changes))
+
+    def assume_pods(self, pods: Sequence[PodChange]) -> None:
+        """Count pods the caller is about to create before the pod watch shows them (Kueue's
+        ``assumeWorkload``), so two commits on one node cannot together ask it for more CPU or
+        memory than it has. Keys are the watch's (``namespace/name``): the watch's own event for
+        the pod later replaces the entry, so nothing is counted twice."""
+        if pods:
+            changes = list(pods)
+            self._edit(lambda t: t.with_pods(changes))
+
+    def forget_pods(self, pods: Sequence[PodChange]) -> None:
+        """Take back assumed pods the watch does not show: their creation did not happen."""
+        watched = self._informers["pods"].items if "pods" in self._informers else {}
+        gone = [(key, node, None) for key, node, _ in pods if key not in watched]
+        if gone:
+            self._edit(lambda t: t.with_pods(gone))
 
     def _on_budget(self, event: EventType, obj: Obj, old: Obj | None) -> None:
         name = _name(obj)

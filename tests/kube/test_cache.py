@@ -344,3 +344,44 @@ async def test_pods_bound_to_nodes_are_counted_from_a_slim_copy(
     assert f"{NS}/cache-notebook" not in cache.objects("pods"), "terminal pods leave the watch"
     cluster.kubectl("delete", "pod", "cache-notebook", "-n", NS, "--force", "--grace-period=0")
     await delete(api, NODES, "cache-n3")
+
+
+@session_loop
+async def test_assumed_pods_count_at_once_and_once_when_the_watch_shows_them(
+    cache: ClusterCache, api: ApiClient, cluster: ControlPlane
+) -> None:
+    await create(api, NODES, gpu_node("cache-n4"))
+    await eventually(lambda: cache.topology.free("cache-n4") == 8)
+    gib = 2**30
+    created = (f"{NS}/cache-rank", "cache-n4", (0, 4000, 16 * gib, 0))
+    never = (f"{NS}/cache-never", "cache-n4", (0, 1000, 1 * gib, 0))
+    cache.assume_pods([created, never])
+    load = cache.topology.load("cache-n4")
+    assert (load.cpu, load.memory, load.pods) == (5000, 17 * gib, 2), "counted before the watch"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cache-rank", "namespace": NS},
+        "spec": {
+            "nodeName": "cache-n4",
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "pause",
+                    "resources": {"requests": {"cpu": "4", "memory": "16Gi"}},
+                }
+            ],
+        },
+    }
+    await create(api, PODS, pod)
+    await eventually(lambda: f"{NS}/cache-rank" in cache.objects("pods"))
+    load = cache.topology.load("cache-n4")
+    assert (load.cpu, load.memory, load.pods) == (5000, 17 * gib, 2), (
+        "the watch did not add it twice"
+    )
+    cache.forget_pods([created, never])  # only the pod the watch does not show is taken back
+    load = cache.topology.load("cache-n4")
+    assert (load.cpu, load.memory, load.pods) == (4000, 16 * gib, 1)
+    cluster.kubectl("delete", "pod", "cache-rank", "-n", NS, "--force", "--grace-period=0")
+    await eventually(lambda: cache.topology.load("cache-n4").pods == 0)
+    await delete(api, NODES, "cache-n4")

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from shared.bus.messages import CommitRequest, LeaseEnd, RunRef
@@ -15,6 +16,7 @@ from shared.control.commit_check import (
     Inflight,
     PodState,
     Rejection,
+    assumed_pods,
     check_commit,
     intent_lease,
     occupancy,
@@ -751,3 +753,33 @@ def test_a_rank_pod_its_kubelet_would_refuse_is_rejected() -> None:
         )
     )
     assert result.message == "node n1: a rank pod of ns/train does not fit (too little memory)"
+
+
+def test_pods_of_an_accepted_commit_count_before_the_watch_shows_them() -> None:
+    """Commit A's rank pod is assumed on n1 at once: commit B, which would fit on its own, is
+    refused for memory instead of both reaching a kubelet that takes only one of them."""
+    base = state()
+    n1 = base.topology.node("n1")
+    assert n1 is not None
+    capacity = NodeCapacity(cpu=64_000, memory=512 * 2**30, ephemeral=0, pods=110)
+    other = RunRequest(key=OTHER, uid="u2", owner="org:a", flavor="H100", total_gpus=4)
+    needs = PodNeeds(cpu=8000, memory=100 * 2**30)
+    mine = RunRequest(key=RUN, uid="uid", owner="org:a", flavor="H100", total_gpus=4, pod=needs)
+    runs = {RUN: mine, OTHER: replace(other, pod=needs)}
+    topology = base.topology.with_node(replace(n1, capacity=capacity)).with_pods(
+        [("lab/db", "n1", (0, 0, 350 * 2**30, 0))]
+    )
+    fresh = replace(base, topology=topology, runs=runs)
+    a = commit([intent("a0", "n1", 4)], [pod(0, gpus=4)])
+    assert not isinstance(plan_commit(a, fresh), Rejection)
+    assumed = assumed_pods([pod(0, gpus=4)], fresh)
+    assert assumed == (("ns/train-g0-r0", "n1", (0, 8000, 100 * 2**30, 0)),)
+    b = msgspec.structs.replace(
+        commit([intent("b0", "n1", 4, run=OTHER)], [pod(0, gpus=4, run=OTHER)]),
+        run=RunRef(namespace="ns", name="other", uid="u2", generation=1),
+    )
+    assert not isinstance(plan_commit(b, fresh), Rejection), "B alone fits"
+    after_a = replace(fresh, topology=topology.with_pods(assumed))
+    result = rejected(plan_commit(b, after_a))
+    assert result.reason is ConflictReason.POD_FIT
+    assert "too little memory" in result.message
