@@ -71,6 +71,10 @@ class Cli:
         return self.kube.kubectl(*args, input=input).stdout
 
 
+NODE_RESOURCES = {"nvidia.com/gpu": "8", "cpu": "64", "memory": "512Gi", "pods": "110"}
+"""What a kubelet reports for one test node: a rank pod must fit its CPU, memory and pods too."""
+
+
 def node(name: str, fabric: str) -> dict[str, Any]:
     cluster = "gpu-a" if fabric == "nv-a" else "gpu-b"
     labels = {"region": "us-west", "cluster": cluster, "fabric.domain": fabric}
@@ -571,8 +575,8 @@ def test_plan_file_is_a_read_only_what_if(cli: Cli, tmp_path: Path) -> None:
         "node",
         "cli-gpu-b-01",
         {
-            "capacity": {"nvidia.com/gpu": "8"},
-            "allocatable": {"nvidia.com/gpu": "8"},
+            "capacity": NODE_RESOURCES,
+            "allocatable": NODE_RESOURCES,
             "conditions": [
                 {
                     "type": "Ready",

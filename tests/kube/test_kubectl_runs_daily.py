@@ -135,7 +135,7 @@ def test_list_filters_sorts_and_kubectl_outputs(cli: Cli) -> None:
     assert names == "alpha-1 alpha-2 beta-1"
     by_eta = cli("list", "-n", NS, "--sort", "eta", "-o", "jsonpath={[0].name}").stdout
     assert by_eta == "alpha-2"
-    owned = cli("list", "-n", NS, "--owner", "org:ai", "-o", "name").stdout.split()
+    owned = cli("list", "-n", NS, "--owner", "org:ai:*", "-o", "name").stdout.split()
     assert owned == ["runs.rq.davidlangworthy.io/alpha-1", "runs.rq.davidlangworthy.io/beta-1"]
     assert cli("list", "-n", NS, "--phase", "reserved", "-o", "name").stdout.split() == [
         "runs.rq.davidlangworthy.io/alpha-2"
@@ -235,7 +235,7 @@ def test_logs_asks_the_rank_pod_and_reports_why_there_is_none(cli: Cli) -> None:
 def test_owners_names_the_globs_and_their_source(cli: Cli) -> None:
     cli.kube.kubectl("annotate", "namespace", NS, "rq.davidlangworthy.io/owners-", check=False)
     record = cli.json("owners", "-n", NS)
-    assert record["globs"] == ["*"] and record["source"].startswith("no annotation")
+    assert record["globs"] == [] and record["source"].startswith("no annotation")  # closed
     cli.kubectl("annotate", "namespace", NS, "rq.davidlangworthy.io/owners=org:ai:*, lab:vision")
     record = cli.json("owners", "-n", NS)
     assert record["globs"] == ["org:ai:*", "lab:vision"]
