@@ -132,7 +132,7 @@ async def _serves(resolver: ServiceRuntime, forecast_creds: BusCredentials, url:
     await asyncio.wait_for(resolver.start(), 30)
     try:
         await asyncio.wait_for(forecast.start(), 30)
-        request = ActivateRequest(namespace="ns", name="r", uid="u", at=datetime.now(UTC))
+        request = ActivateRequest(namespace="ns", name="r", uid="u")
         reply = await forecast.request(ACTIVATE, request, timeout=10)
         assert reply.message == "seen r"
     finally:

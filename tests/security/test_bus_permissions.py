@@ -244,7 +244,7 @@ async def test_every_service_starts_and_talks_with_its_own_permissions(
             assert resp.headers["Nats-Service-Error-Code"] == "400", (sender, subject.name)
         await asyncio.wait_for(got_letter.wait(), WAIT)
         activated = await rts["forecast"].request(
-            ACTIVATE, ActivateRequest(namespace="ns", name="r", uid="u", at=NOW), timeout=WAIT
+            ACTIVATE, ActivateRequest(namespace="ns", name="r", uid="u"), timeout=WAIT
         )
         assert activated.message == "recorded"
         # events, durable and core
@@ -276,7 +276,7 @@ async def test_only_the_binder_keeps_its_journal(
     await journal.open()
     commit = CommitRequest(key="sec-journal", run=RunRef("ns", "r", "u", 1), version=1)
     await journal.record(commit)
-    assert [c.key for c in await journal.pending()] == ["sec-journal"]
+    assert [c.key for c, _ in await journal.pending()] == ["sec-journal"]
     await journal.done("sec-journal")
     assert await journal.pending() == []
     # anybody else: no write into it (core or JetStream), no purge, no delete, no read
@@ -367,14 +367,14 @@ async def test_activate_is_refused_from_anyone_but_the_forecaster(
     services: tuple[dict[str, ServiceRuntime], Seen], peers: dict[str, Peer]
 ) -> None:
     rts, seen = services
-    forged = encode(ActivateRequest(namespace="victim", name="r", uid="u", at=NOW))
+    forged = encode(ActivateRequest(namespace="victim", name="r", uid="u"))
     for identity in IDENTITIES:
         if identity == "forecast":
             continue
         peer = peers[identity]
         what = f'publish to "{ACTIVATE.name}"'
         await peer.refused(what, peer.nc.request, ACTIVATE.name, forged, timeout=1)
-    marker = ActivateRequest(namespace="ns", name="marker", uid="u", at=NOW)
+    marker = ActivateRequest(namespace="ns", name="marker", uid="u")
     await rts["forecast"].request(ACTIVATE, marker, timeout=WAIT)
     await seen.wait_for("resolver/activate", lambda m: m.name == "marker")
     assert "victim" not in {m.namespace for m in seen.of("resolver/activate")}
