@@ -28,7 +28,12 @@ def nodes_yaml(path: Path, count: int = 12) -> Path:
                 },
             },
             "status": {
-                "allocatable": {"nvidia.com/gpu": "8"},
+                "allocatable": {
+                    "nvidia.com/gpu": "8",
+                    "cpu": "64",
+                    "memory": "512Gi",
+                    "pods": "110",
+                },
                 "conditions": [{"type": "Ready", "status": "True"}],
             },
         }
