@@ -873,13 +873,32 @@ class Binder:
         )
         _raise_first(made)
 
-        started = await _concurrently([partial(self._create, PODS, pods[p.name]) for p in creates])
+        started = await _concurrently(
+            [partial(self._create_pod, p, pods[p.name], plan) for p in creates]
+        )
         for result in started:
             if result is True:
                 metrics.PODS.labels("created").inc()
                 wrote = True
         _raise_first(started)
         return wrote
+
+    async def _create_pod(self, pod: PodIntent, body: Mapping[str, Any], plan: CommitPlan) -> bool:
+        """Create a rank's pod; True if created. The name may still be held by the pod of an
+        earlier incarnation (a gang that just ended is deleted gracefully, and the cache may not
+        show it yet): that one is deleted outright first. Only this incarnation's own pod counts
+        as already created, so a requeued gang never ends up with leases and no pods."""
+        if await self._create(PODS, body):
+            return True
+        live = await self._get(PODS, pod.name, pod.run[0])
+        if live is not None and same_incarnation(
+            pod_state(live), pod, plan.pod_leases.get(pod.name, ())
+        ):
+            return False
+        if live is not None:
+            await self._force_delete_pod((pod.run[0], pod.name), str(_meta(live).get("uid") or ""))
+            metrics.PODS.labels("replaced").inc()
+        return await self._create(PODS, body)
 
     async def _delete_freed_pod(self, key: PodKey, state: PodState) -> bool:
         """Delete the pod of a rank that no longer holds its node; True if it was deleted."""
