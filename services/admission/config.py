@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from shared.bus.config import ServiceConfig, parse_service_args
-from shared.bus.settings import engine_flags, engine_settings
+from shared.bus.settings import engine_flags, engine_settings, owner_globs_flag
 from shared.control import pod_policy
 from shared.control.pod_policy import PodPolicyConfig
 from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
@@ -57,12 +57,7 @@ def _env(name: str, default: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobtree-admission", add_help=False)
     add = parser.add_argument
-    add(
-        "--default-owner-globs",
-        default=_env("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
-        help="owner globs for namespaces without the owners annotation (comma separated; "
-        "default: none, such a namespace may name no owner)",
-    )
+    owner_globs_flag(parser)
     pod_policy.add_arguments(parser)
     add("--resync-seconds", type=float, default=float(_env("JOBTREE_RESYNC_SECONDS", "30")))
     add("--budget-interval", type=float, default=float(_env("JOBTREE_BUDGET_INTERVAL", "2")))

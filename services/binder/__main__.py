@@ -14,9 +14,9 @@ from datetime import timedelta
 from services.binder.service import BinderOptions, serve
 from shared.bus.config import ServiceConfig, env_value, parse_service_args, truthy
 from shared.bus.process import run_main
-from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag
+from shared.bus.settings import engine_flags, engine_settings, gpu_resource_flag, owner_globs_flag
 from shared.control import pod_policy
-from shared.control.tenancy import DEFAULT_OWNER_GLOBS, parse_globs
+from shared.control.tenancy import parse_globs
 from shared.kube.translate import HOLD_IMAGE
 
 
@@ -60,12 +60,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServiceConfig, BinderOpti
     )
     engine_flags(parser)
     pod_policy.add_arguments(parser)
-    parser.add_argument(
-        "--default-owner-globs",
-        default=env_value("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
-        help="owner globs of namespaces without the owners annotation, as admission's "
-        "($JOBTREE_DEFAULT_OWNER_GLOBS)",
-    )
+    owner_globs_flag(parser)
     parser.add_argument(
         "--max-clock-skew-seconds",
         type=float,

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from shared.bus.config import env_value
+from shared.control.tenancy import DEFAULT_OWNER_GLOBS
 from shared.engine.state import Settings
 from shared.engine.topology import DEFAULT_GPU_RESOURCE
 
@@ -140,6 +141,17 @@ def gpu_resource_flag(parser: argparse.ArgumentParser) -> None:
         default=env_value("JOBTREE_GPU_RESOURCE", DEFAULT_GPU_RESOURCE),
         help="extended resource that counts GPUs on nodes and in pod limits "
         "($JOBTREE_GPU_RESOURCE; default %(default)s)",
+    )
+
+
+def owner_globs_flag(parser: argparse.ArgumentParser) -> None:
+    """``--default-owner-globs``: the owners a namespace without the owners annotation may name.
+    Admission and the binder must agree, so both declare it here (default: nobody)."""
+    parser.add_argument(
+        "--default-owner-globs",
+        default=env_value("JOBTREE_DEFAULT_OWNER_GLOBS", ",".join(DEFAULT_OWNER_GLOBS)),
+        help="owner globs for namespaces without the owners annotation (comma separated; "
+        "default: none, such a namespace may name no owner; $JOBTREE_DEFAULT_OWNER_GLOBS)",
     )
 
 
